@@ -1,0 +1,1 @@
+"""ConvForever peer."""
