@@ -1,0 +1,54 @@
+"""Which hivemind codec each mode puts on the wire.
+
+Only hivemind's registered codecs may be used: the receiving peer decodes every part by the codec enum in the
+message (``deserialize_torch_tensor``), and a reducer encodes its reply with that same enum, so a custom codec
+would be unreadable on the other side.
+"""
+
+from __future__ import annotations
+
+from hivemind.compression import (
+    BlockwiseQuantization,
+    CompressionBase,
+    Float16Compression,
+    NoCompression,
+    ScaledFloat16Compression,
+    SizeAdaptiveCompression,
+)
+
+from .config import CompressionConfig
+
+
+def _eight_bit(min_8bit_numel: int, small: CompressionBase) -> CompressionBase:
+    """Blockwise 8-bit (bitsandbytes, absmax per 4096 values) for big tensors, ``small`` below the threshold.
+
+    Blockwise rather than hivemind's Uniform8Bit: gradients are heavy-tailed, and Uniform8Bit clips everything beyond
+    3 sigma into its edge buckets, while blockwise scales each block by its own absmax. Both carry a 1 KiB codebook.
+    """
+    # import now, in the main process: hivemind imports bitsandbytes lazily inside the forked averager, which then
+    # spends seconds of its first all-reduce on it (and a missing package would only show up mid-round)
+    import bitsandbytes.functional  # noqa: F401
+
+    return SizeAdaptiveCompression(threshold=min_8bit_numel, less=small, greater_equal=BlockwiseQuantization())
+
+
+def gradient_codec(config: CompressionConfig) -> CompressionBase:
+    """Codec for gradient parts (and, under PowerSGD, for P/Q factors and the tensors PowerSGD leaves uncompressed).
+
+    fp16 for gradients is mean/std-scaled (8 bytes per part more than plain fp16): gradient entries of 1e-6..1e-4
+    would otherwise land in fp16's subnormal range and lose most of their digits.
+    """
+    if config.mode in ("none", "powersgd"):
+        return NoCompression()
+    if config.mode == "fp16":
+        return ScaledFloat16Compression()
+    return _eight_bit(config.min_8bit_numel, small=ScaledFloat16Compression())
+
+
+def state_codec(config: CompressionConfig) -> CompressionBase:
+    """Codec for state averaging and state download: parameters are O(1e-2..1), so plain fp16 keeps ~3 digits."""
+    if config.state_compression == "none":
+        return NoCompression()
+    if config.state_compression == "fp16":
+        return Float16Compression()
+    return _eight_bit(config.min_8bit_numel, small=Float16Compression())

@@ -1,0 +1,89 @@
+"""`convforever-coordinator`: start the swarm's bootstrap node, status line and checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .service import Coordinator, CoordinatorConfig
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
+    p = argparse.ArgumentParser(
+        prog="convforever-coordinator",
+        description="Bootstrap DHT node of a ConvForever swarm: tracks the global step and writes checkpoints.",
+    )
+    p.add_argument("--run-id", required=True, help="name of the training run; peers pass the same --run-id")
+    p.add_argument("--checkpoint-dir", required=True, type=Path, help="where step-N/ checkpoints and 'latest' go")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="global steps between checkpoints (default 10)")
+    p.add_argument("--maddrs-file", type=Path, help="also write the multiaddrs peers should dial here, one per line")
+    p.add_argument(
+        "--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/31337"],
+        help="multiaddrs to listen on (default /ip4/0.0.0.0/tcp/31337; /tcp/0 picks a free port)",
+    )
+    p.add_argument("--announce-maddrs", nargs="+", default=[], help="public multiaddrs to announce (behind NAT)")
+    p.add_argument("--identity", type=Path, help="private key file; created if missing, keeps the peer id across restarts")
+    p.add_argument("--status-every", type=float, default=5.0, help="seconds between status lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="log hivemind's own messages too")
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return CoordinatorConfig(
+            run_id=args.run_id, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+            host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, maddrs_file=args.maddrs_file,
+            identity=args.identity, status_every=args.status_every,
+        )
+    except ValueError as e:
+        p.error(str(e))
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """First Ctrl+C/SIGTERM asks for a clean shutdown; a second one leaves at once.
+
+    hivemind forks its DHT and averager processes after this runs, so they inherit the handler;
+    in them it restores the default action, or hivemind could not terminate its own children.
+    """
+    owner = os.getpid()
+
+    def handler(signum, _frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if stop.is_set():
+            raise SystemExit(128 + signum)
+        logger.info(f"received {signal.Signals(signum).name}, shutting down (again to force)")
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    logger.info(f"config: {json.dumps(vars(config), default=str)}")
+    coordinator = Coordinator(config)
+    try:
+        print("[coordinator] peers join with: --initial-peers " + " ".join(coordinator.maddrs), flush=True)
+        coordinator.run(stop)
+    finally:
+        coordinator.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The records peers and the coordinator exchange through the hivemind DHT.
+
+Every record lives under a key prefixed with the run id and a subkey that carries the writer's
+public key; hivemind's `RSASignatureValidator` signs it and `SchemaValidator` type-checks it on
+every DHT node that stores it, so a record that fails validation is dropped before anyone reads
+it. hivemind's validators are written against pydantic's v1 API, hence `pydantic.v1` here.
+
+Keys (with ``run_id="demo"``):
+- ``demo_progress``   hivemind's own progress tracker (epoch = global step), read-only for us;
+- ``demo_metrics``    one `PeerMetrics` per peer, refreshed every few seconds;
+- ``demo_model``      the model each peer trains, so the coordinator can rebuild it for checkpoints;
+- ``demo_checkpoint`` the coordinator's latest saved checkpoint, so peers know their work is safe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional
+
+import pydantic.v1 as pydantic
+from hivemind import DHT
+from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.utils import ValueWithExpiration, get_dht_time
+
+NonNegInt = pydantic.conint(ge=0, strict=True)
+NonNegFloat = pydantic.confloat(ge=0.0, strict=True)
+
+METRICS_TTL = 60.0  # seconds a metrics record stays in the DHT without a refresh
+MODEL_TTL = 600.0
+CHECKPOINT_TTL = 600.0
+
+
+class PeerMetrics(pydantic.BaseModel):
+    """What a peer reports about itself; the coordinator's status line and checkpoints read it."""
+
+    peer_id: pydantic.StrictStr
+    step: NonNegInt  # the global step (hivemind epoch) this peer is on
+    loss: pydantic.StrictFloat  # mean training loss since the previous report (nan before the first batch)
+    samples_per_second: NonNegFloat
+    samples: NonNegInt  # samples this peer has trained on since it started
+    bytes_sent: NonNegInt  # gradient-averaging payload bytes since start
+    bytes_received: NonNegInt
+    averaging_rounds: NonNegInt
+    last_group_size: NonNegInt  # peers in this peer's latest gradient all-reduce (1 = averaged alone)
+    compression_ratio: NonNegFloat  # fp32 bytes / bytes sent, per round
+    skipped: Dict[pydantic.StrictStr, NonNegInt]
+    final: pydantic.StrictBool = False  # the peer is about to leave (e.g. reached --max-steps)
+    time: pydantic.StrictFloat
+
+
+class ModelInfo(pydantic.BaseModel):
+    """Enough to rebuild the peers' model with the same parameter shapes and name its classes."""
+
+    name: pydantic.StrictStr
+    depth: Optional[NonNegInt]
+    num_classes: pydantic.conint(ge=1, strict=True)
+    image_size: pydantic.conint(ge=8, strict=True)
+    class_names: List[pydantic.StrictStr]
+
+
+class CheckpointInfo(pydantic.BaseModel):
+    step: NonNegInt
+    path: pydantic.StrictStr
+    time: pydantic.StrictFloat
+
+
+class RunSchema(pydantic.BaseModel):
+    metrics: Dict[BytesWithPublicKey, Optional[PeerMetrics]]
+    model: Dict[BytesWithPublicKey, Optional[ModelInfo]]
+    checkpoint: Dict[BytesWithPublicKey, Optional[CheckpointInfo]]
+
+
+class RunRecords:
+    """Typed reads and signed writes of one run's records in the DHT.
+
+    Construct it once per process (it registers the validators on the DHT); peers and the
+    coordinator use the same class, so both sides agree on keys and types.
+    """
+
+    def __init__(self, dht: DHT, run_id: str):
+        self.dht, self.run_id = dht, run_id
+        signer = RSASignatureValidator()  # the process-wide key, the same one hivemind's tracker signs with
+        self.public_key = signer.local_public_key
+        dht.add_validators([SchemaValidator(RunSchema, prefix=run_id), signer])
+
+    def _key(self, field: str) -> str:
+        return f"{self.run_id}_{field}"
+
+    def _store(self, field: str, record: pydantic.BaseModel, ttl: float) -> None:
+        self.dht.store(
+            self._key(field), subkey=self.public_key, value=record.dict(),
+            expiration_time=get_dht_time() + ttl, return_future=True,
+        )
+
+    def _fetch(self, field: str, model: type[pydantic.BaseModel]) -> list:
+        found = self.dht.get(self._key(field), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        records = []
+        for entry in found.value.values():
+            if isinstance(entry, ValueWithExpiration):
+                try:
+                    records.append(model.parse_obj(entry.value))
+                except pydantic.ValidationError:
+                    continue  # validators already drop bad records on store; this guards local caches
+        return records
+
+    def publish_metrics(self, metrics: PeerMetrics) -> None:
+        self._store("metrics", metrics, METRICS_TTL)
+
+    def publish_model(self, info: ModelInfo) -> None:
+        self._store("model", info, MODEL_TTL)
+
+    def publish_checkpoint(self, info: CheckpointInfo) -> None:
+        self._store("checkpoint", info, CHECKPOINT_TTL)
+
+    def metrics(self) -> list[PeerMetrics]:
+        return self._fetch("metrics", PeerMetrics)
+
+    def models(self) -> list[ModelInfo]:
+        return self._fetch("model", ModelInfo)
+
+    def latest_checkpoint(self) -> Optional[CheckpointInfo]:
+        found = self._fetch("checkpoint", CheckpointInfo)
+        return max(found, key=lambda c: c.step) if found else None
+
+    def progress(self) -> list[LocalTrainingProgress]:
+        """hivemind's own per-peer progress records (written by its ProgressTracker)."""
+        return self._fetch("progress", LocalTrainingProgress)
+
+
+@dataclass(frozen=True)
+class SwarmView:
+    """The swarm as the coordinator sees it at one moment."""
+
+    global_step: int
+    num_peers: int  # training peers with a live progress record
+    num_clients: int
+    samples_accumulated: int  # towards the next global step
+    samples_per_second: float
+
+
+def swarm_view(progress: Iterable[LocalTrainingProgress], now: Optional[float] = None) -> SwarmView:
+    """Fold hivemind progress records into one view, the way hivemind's tracker does.
+
+    The global step is the largest epoch any live peer claims (hivemind's own rule; a later
+    issue hardens it against peers that lie). Only peers on that step count towards the samples.
+    """
+    now = get_dht_time() if now is None else now
+    live = [p for p in progress if p.time <= now + 60]  # ignore records from clocks far in the future
+    if not live:
+        return SwarmView(0, 0, 0, 0, 0.0)
+    global_step = max(p.epoch for p in live)
+    return SwarmView(
+        global_step=global_step,
+        num_peers=sum(not p.client_mode for p in live),
+        num_clients=sum(p.client_mode for p in live),
+        samples_accumulated=sum(p.samples_accumulated for p in live if p.epoch == global_step),
+        samples_per_second=sum(p.samples_per_second for p in live),
+    )
+
+
+def mean_loss(metrics: Iterable[PeerMetrics]) -> float:
+    """Sample-rate-weighted mean of the peers' recent losses (nan when nobody reported one)."""
+    pairs = [(m.loss, max(m.samples_per_second, 1e-9)) for m in metrics if math.isfinite(m.loss)]
+    if not pairs:
+        return math.nan
+    return sum(loss * w for loss, w in pairs) / sum(w for _, w in pairs)

@@ -1,0 +1,159 @@
+"""The coordinator: the swarm's bootstrap DHT node, its status line, and its checkpoints.
+
+It never trains. Each tick it reads the peers' progress and metrics from the DHT, prints one
+status line, and when a checkpoint is due it downloads the state from a peer, checks that the
+state is really at the step it is saving, and writes it with `convforever.model.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from convforever.model import ModelConfig, create_model
+from convforever.model.checkpoint import save_checkpoint
+
+from .protocol import CheckpointInfo, ModelInfo, PeerMetrics, RunRecords, SwarmView, mean_loss, swarm_view
+from .state import StateFetcher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CoordinatorConfig:
+    run_id: str
+    checkpoint_dir: Path
+    checkpoint_every: int = 10  # global steps between checkpoints
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/31337"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    maddrs_file: Optional[Path] = None
+    identity: Optional[Path] = None  # a fixed private key keeps the coordinator's multiaddr across restarts
+    status_every: float = 5.0  # seconds between status lines
+    state_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be >= 1 global step, got {self.checkpoint_every}")
+        if not self.run_id or "." in self.run_id or " " in self.run_id:
+            raise ValueError(f"--run-id must be a non-empty name without dots or spaces, got {self.run_id!r}")
+
+
+def checkpoint_due(global_step: int, last_saved: int, every: int) -> bool:
+    """A checkpoint is due once the swarm has passed the next multiple of `every` after the last save."""
+    return global_step > 0 and global_step // every > last_saved // every
+
+
+def format_status(view: SwarmView, metrics: list[PeerMetrics], last_checkpoint: Optional[int]) -> str:
+    loss = mean_loss(metrics)
+    sent = sum(m.bytes_sent for m in metrics)
+    rounds = sum(m.averaging_rounds for m in metrics)
+    per_round = sent / rounds if rounds else 0.0
+    ratios = [m.compression_ratio for m in metrics if m.compression_ratio > 0]
+    skipped = sum(sum(m.skipped.values()) for m in metrics)
+    parts = [
+        f"step {view.global_step}",
+        f"peers {view.num_peers}" + (f"+{view.num_clients} clients" if view.num_clients else ""),
+        f"loss {loss:.4f}" if math.isfinite(loss) else "loss -",
+        f"{view.samples_per_second:.1f} samples/s",
+        f"sent {per_round / 1e6:.2f} MB/round/peer" + (f" ({min(ratios):.0f}x vs fp32)" if ratios else ""),
+        f"skipped {skipped}",
+        f"checkpoint step-{last_checkpoint}" if last_checkpoint is not None else "no checkpoint yet",
+    ]
+    return "[coordinator] " + " | ".join(parts)
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        if config.identity:
+            config.identity.parent.mkdir(parents=True, exist_ok=True)
+        self.dht = hivemind.DHT(
+            start=True,
+            host_maddrs=config.host_maddrs,
+            announce_maddrs=config.announce_maddrs or None,
+            identity_path=str(config.identity) if config.identity else None,
+        )
+        self.records = RunRecords(self.dht, config.run_id)
+        self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        if config.maddrs_file:
+            config.maddrs_file.parent.mkdir(parents=True, exist_ok=True)
+            config.maddrs_file.write_text("".join(m + "\n" for m in self.maddrs))
+        self.model_info: Optional[ModelInfo] = None
+        self.fetcher: Optional[StateFetcher] = None
+        self.last_saved = self._existing_checkpoint_step()
+        self.last_path = str(self.config.checkpoint_dir / f"step-{self.last_saved}") if self.last_saved else ""
+
+    def _existing_checkpoint_step(self) -> int:
+        latest = self.config.checkpoint_dir / "latest"
+        if latest.is_file():
+            name = latest.read_text().strip()
+            if name.startswith("step-") and name[5:].isdigit():
+                return int(name[5:])
+        return 0
+
+    def _ensure_model(self) -> bool:
+        """Learn the model from the peers' records; build the state fetcher once it is known."""
+        models = self.records.models()
+        if not models:
+            return False
+        counts = Counter(m.json() for m in models)
+        info = ModelInfo.parse_raw(counts.most_common(1)[0][0])
+        if len(counts) > 1:
+            logger.warning(f"peers announce {len(counts)} different models; checkpointing the most common: {info.name}")
+        if self.model_info is None:
+            self.model_info = info
+            model = create_model(ModelConfig(name=info.name, depth=info.depth, num_classes=info.num_classes))
+            self.fetcher = StateFetcher(self.dht, self.config.run_id, model, timeout=self.config.state_timeout)
+            self.model_config = model.config
+            logger.info(f"swarm trains {info.name} (depth={info.depth}, {info.num_classes} classes, {info.image_size}px)")
+        return True
+
+    def tick(self) -> str:
+        view = swarm_view(self.records.progress())
+        metrics = self.records.metrics()
+        leaving = [m.step for m in metrics if m.final and m.step > self.last_saved]
+        due = checkpoint_due(view.global_step, self.last_saved, self.config.checkpoint_every)
+        if (due or leaving) and self._ensure_model():
+            self.checkpoint(max([view.global_step, *leaving]), metrics)
+        # Re-announced every tick: peers at --max-steps wait for it, and it tells them a coordinator is there.
+        self.records.publish_checkpoint(CheckpointInfo(step=self.last_saved, path=self.last_path, time=get_dht_time()))
+        return format_status(view, metrics, self.last_saved or None)
+
+    def checkpoint(self, min_step: int, metrics: list[PeerMetrics]) -> Optional[Path]:
+        assert self.fetcher is not None and self.model_info is not None
+        fetched = self.fetcher.fetch(min_step=min_step)
+        if fetched is None:
+            return None
+        loss = mean_loss(metrics)
+        meta = {
+            "run_id": self.config.run_id,
+            "model": self.model_config.to_dict(),
+            "image_size": self.model_info.image_size,
+            "class_names": self.model_info.class_names,
+            "loss": loss if math.isfinite(loss) else None,
+            "peers": len(metrics),
+            "time": time.time(),
+        }
+        path = save_checkpoint(self.config.checkpoint_dir, fetched.step, fetched.state_dict, meta)
+        self.last_saved, self.last_path = fetched.step, str(path)
+        logger.info(f"saved checkpoint {path} (loss {loss:.4f})")
+        return path
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            print(self.tick(), flush=True)
+            stop.wait(self.config.status_every)
+
+    def shutdown(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.shutdown()
+        self.dht.shutdown()

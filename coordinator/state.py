@@ -1,0 +1,90 @@
+"""Download the swarm's current model state from a training peer, and refuse stale answers.
+
+Peers serve their state through hivemind's `TrainingStateAverager` (prefix ``{run_id}_state_averager``);
+its answer is (metadata, flat tensors) where the tensors are the optimizer's parameters in
+param-group order, then the optimizer statistics. We map them back to names with
+`convforever.model.flat_parameter_names`, the same ordering the peers build their param groups with.
+
+hivemind's own `Optimizer.load_state_from_peers` returns None whether it loaded a state or
+refused a stale one; here we look at the epoch in the metadata ourselves, so a checkpoint is only
+written from a state that is really at (or after) the step we are saving.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from hivemind import DHT
+from hivemind.averaging import DecentralizedAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from convforever.model import ConvNeXt, flat_parameter_names
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchedState:
+    step: int
+    state_dict: dict[str, torch.Tensor]
+
+
+class StateDownloader(DecentralizedAverager):
+    """A DecentralizedAverager that calls the peers' `TrainingStateAverager` download handler.
+
+    hivemind names RPC handlers after the serving class (``{prefix}::TrainingStateAverager.rpc_download_state``),
+    so a plain DecentralizedAverager would ask for a protocol the peers do not speak. We need none of
+    TrainingStateAverager's optimizer machinery to download, only its handler names.
+    """
+
+    @classmethod
+    def get_stub(cls, p2p, peer, *, namespace=None):
+        return TrainingStateAverager.get_stub(p2p, peer, namespace=namespace)
+
+
+class StateFetcher:
+    """A client-mode averager that never averages: it only downloads peers' state on demand."""
+
+    def __init__(self, dht: DHT, run_id: str, model: ConvNeXt, timeout: float = 60.0):
+        self.names = flat_parameter_names(model)
+        params = dict(model.named_parameters())
+        self.shapes = [params[name].shape for name in self.names]
+        self.timeout = timeout
+        self.averager = StateDownloader(
+            averaged_tensors=[torch.zeros(1)],  # never averaged; hivemind only requires something here
+            dht=dht,
+            prefix=f"{run_id}_state_averager",
+            client_mode=True,  # do not announce ourselves as a state source or an averaging partner
+            start=True,
+        )
+
+    def fetch(self, min_step: int) -> Optional[FetchedState]:
+        """Return the state if a peer served one at step >= `min_step`, else None (and say why)."""
+        loaded = self.averager.load_state_from_peers(timeout=self.timeout)
+        if loaded is None:
+            logger.warning("no peer served its state (none online, or all downloads failed); will retry")
+            return None
+        metadata, tensors = loaded
+        step = metadata.get("epoch") if isinstance(metadata, dict) else None
+        if not isinstance(step, int) or step < min_step:
+            logger.warning(f"refusing stale state: a peer served step {step}, we need at least {min_step}; will retry")
+            return None
+        if len(tensors) < len(self.names):
+            logger.warning(f"a peer served {len(tensors)} tensors, the model has {len(self.names)} parameters")
+            return None
+        state_dict = {}
+        for name, shape, tensor in zip(self.names, self.shapes, tensors):
+            if tensor.shape != shape:
+                logger.warning(f"a peer served {name} with shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+                return None
+            if not torch.isfinite(tensor).all():
+                logger.warning(f"a peer served non-finite values in {name}; not checkpointing this state")
+                return None
+            state_dict[name] = tensor.float()
+        return FetchedState(step=step, state_dict=state_dict)
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()

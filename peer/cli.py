@@ -1,0 +1,114 @@
+"""`convforever-peer`: join a swarm (or start one) and train until told to stop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+from pathlib import Path
+
+from convforever.compression import MODES, CompressionConfig
+from convforever.coordinator.cli import install_stop_handlers, setup_logging
+from convforever.model import MODEL_NAMES, ModelConfig
+
+from .config import PeerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PeerConfig(run_id="x", data="x")  # defaults, shown in --help
+    p = argparse.ArgumentParser(
+        prog="convforever-peer",
+        description="Train ConvNeXt together with a ConvForever swarm (hivemind + PowerSGD + 8-bit gradients).",
+    )
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
+                   help="multiaddrs printed by the coordinator (or any peer); none starts a new swarm")
+    p.add_argument("--run-id", required=True, help="the run's name, the same on every peer and the coordinator")
+    p.add_argument("--data", required=True, help="parquet file, directory or glob in the PD-Extended schema")
+    p.add_argument("--model", default=ModelConfig().name, help="one of: " + ", ".join(MODEL_NAMES) + " (or atto..base)")
+    p.add_argument("--depth", type=int, help="total blocks, spread over the 4 stages (>= 4); default: the preset's")
+    p.add_argument("--num-classes", type=int, default=ModelConfig().num_classes)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per local forward/backward")
+    p.add_argument("--target-batch-size", type=int, default=d.target_batch_size,
+                   help="samples the whole swarm accumulates per global step")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    p.add_argument("--compression", choices=MODES, default=CompressionConfig().mode)
+    p.add_argument("--rank", type=int, default=CompressionConfig().rank, help="PowerSGD rank")
+    p.add_argument("--max-steps", type=int, help="leave after this many global steps")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--matchmaking-time", type=float, default=d.matchmaking_time,
+                   help="seconds to gather peers for an all-reduce; raise it on slow links")
+    p.add_argument("--averaging-timeout", type=float, default=d.averaging_timeout)
+    p.add_argument("--average-state-every", type=int, default=d.average_state_every,
+                   help="global steps between full parameter re-synchronisations")
+    p.add_argument("--host-maddrs", nargs="+", default=d.host_maddrs)
+    p.add_argument("--announce-maddrs", nargs="+", default=[])
+    p.add_argument("--client-mode", action="store_true", help="dial out only (behind NAT without port forwarding)")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="data decoding processes")
+    p.add_argument("--seed", type=int, help="data order seed (default: random per peer)")
+    p.add_argument("--report-every", type=float, default=d.report_every, help="seconds between progress lines")
+    p.add_argument("--save-on-exit", type=Path, help="write this peer's weights here (safetensors) when it leaves")
+    p.add_argument("--exit-grace", type=float, default=d.exit_grace,
+                   help="seconds to wait at --max-steps for the coordinator to checkpoint the final step")
+    p.add_argument("-v", "--verbose", action="store_true", help="log hivemind's own messages too")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> PeerConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return PeerConfig(
+            run_id=args.run_id, data=args.data, initial_peers=args.initial_peers,
+            model=ModelConfig(name=args.model, depth=args.depth, num_classes=args.num_classes),
+            compression=CompressionConfig(mode=args.compression, rank=args.rank),
+            image_size=args.image_size, batch_size=args.batch_size, target_batch_size=args.target_batch_size,
+            device=args.device, max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, matchmaking_time=args.matchmaking_time,
+            averaging_timeout=args.averaging_timeout, average_state_every=args.average_state_every,
+            host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, client_mode=args.client_mode,
+            num_workers=args.num_workers, seed=args.seed, report_every=args.report_every,
+            save_on_exit=args.save_on_exit, exit_grace=args.exit_grace,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def check_data(config: PeerConfig) -> None:
+    """Fail on a wrong --data before joining the swarm, not after."""
+    from convforever.data import resolve_files
+
+    try:
+        files = resolve_files(config.data)
+    except ValueError as e:
+        raise SystemExit(f"convforever-peer: error: --data: {e}")
+    logger.info(f"training data: {len(files)} parquet file(s) from {config.data}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    check_data(config)
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    logger.info(f"config: {json.dumps(config.to_dict())}")
+    from .trainer import Peer, SwarmUnreachable  # heavy imports after argument errors have had their say
+
+    try:
+        peer = Peer(config)
+    except SwarmUnreachable as e:
+        raise SystemExit(f"convforever-peer: error: {e}")
+    try:
+        logger.info("other peers can also join through: " + " ".join(peer.visible_maddrs))
+        peer.run(stop)
+    finally:
+        peer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The peer's configuration: one dataclass, built from the command line in one place (`cli.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from convforever.compression import CompressionConfig
+from convforever.model import ModelConfig
+
+
+@dataclass
+class PeerConfig:
+    run_id: str
+    data: str  # parquet file, directory or glob
+    initial_peers: list[str] = field(default_factory=list)  # empty: start a new swarm alone
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    image_size: int = 64
+    batch_size: int = 16  # samples per local forward/backward
+    target_batch_size: int = 256  # samples the whole swarm accumulates per global step
+    device: str = "auto"
+    max_steps: Optional[int] = None  # leave after this many global steps
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 10  # global steps of linear learning-rate warm-up
+    # hivemind timing. Matchmaking must be long enough for every peer's "I am ready" to reach the
+    # others over the DHT, or peers average alone, fall out of step and re-download the state.
+    matchmaking_time: float = 5.0
+    averaging_timeout: float = 30.0
+    # Parameters are re-synchronised by a full (compressed) state all-reduce every this many global
+    # steps; hivemind's default of 1 would send the whole model every step and dwarf the gradients.
+    average_state_every: int = 10
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    client_mode: bool = False  # behind NAT with no port forwarding: dial out only
+    num_workers: int = 1  # DataLoader decode/augment processes
+    seed: Optional[int] = None  # data order; None = random per peer
+    report_every: float = 5.0  # seconds between progress lines
+    save_on_exit: Optional[Path] = None  # also write this peer's final weights here when it leaves
+    exit_grace: float = 60.0  # seconds to wait, at --max-steps, for the coordinator to checkpoint our final step
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.target_batch_size >= self.batch_size, "--target-batch-size must be >= --batch-size"),
+            (self.image_size >= 16, "--image-size must be >= 16 pixels"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.average_state_every >= 1, "--average-state-every must be >= 1"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device is auto, cpu or cuda[:N]"),
+            (bool(self.run_id) and "." not in self.run_id, "--run-id must be a non-empty name without dots"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

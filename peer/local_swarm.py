@@ -1,0 +1,139 @@
+"""Run a whole swarm on this machine: demo data, a coordinator and N CPU peers, then evaluate.
+
+This is `make demo`, and the same topology docker/compose.yml describes, as plain local
+processes on 127.0.0.1. Each process is the real CLI; their output is interleaved here with a
+name prefix so one terminal shows the whole swarm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Optional
+
+
+@dataclass
+class SwarmConfig:
+    workdir: Path = Path("runs/demo")
+    run_id: str = "demo"
+    peers: int = 2
+    max_steps: int = 30
+    checkpoint_every: int = 10
+    model: str = "convnext_atto"
+    image_size: int = 32
+    batch_size: int = 32
+    target_batch_size: int = 128
+    lr: float = 2e-3
+    compression: str = "powersgd-8bit"
+    train_rows: int = 3000
+    eval_rows: int = 500
+
+
+def _pump(name: str, stream: IO[str], sink: IO[str]) -> None:
+    for line in stream:
+        sink.write(f"[{name}] {line}" if not line.startswith("[") else line)
+        sink.flush()
+
+
+class Process:
+    """A child process whose output is prefixed and forwarded; it dies with its process group."""
+
+    def __init__(self, name: str, argv: list[str], log: IO[str] = sys.stdout):
+        self.name = name
+        self.popen = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+        )
+        self.thread = threading.Thread(target=_pump, args=(name, self.popen.stdout, log), daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 20.0) -> Optional[int]:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self.thread.join(timeout=5)
+        return self.popen.returncode
+
+
+def cli(module: str) -> list[str]:
+    return [sys.executable, "-m", module]
+
+
+def wait_for_file(path: Path, process: Process, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text().strip():
+            return path.read_text()
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"{process.name} exited with code {process.popen.returncode} before writing {path}")
+        time.sleep(0.2)
+    raise TimeoutError(f"{process.name} did not write {path} within {timeout:.0f}s")
+
+
+def run(config: SwarmConfig) -> dict:
+    work = config.workdir
+    data = work / "data"
+    if not (data / "eval").is_dir():
+        subprocess.run(cli("convforever.data.demo") + [
+            "--out", str(data), "--train-rows", str(config.train_rows), "--eval-rows", str(config.eval_rows),
+            "--image-size", str(config.image_size * 2),
+        ], check=True)
+    maddrs_file = work / "coordinator.maddrs"
+    maddrs_file.unlink(missing_ok=True)
+    checkpoints = work / "checkpoints"
+    coordinator = Process("coordinator", cli("convforever.coordinator.cli") + [
+        "--run-id", config.run_id, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", str(config.checkpoint_every),
+        "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(maddrs_file), "--identity", str(work / "coordinator.key"),
+    ])
+    peers: list[Process] = []
+    try:
+        initial_peers = wait_for_file(maddrs_file, coordinator, timeout=60).split()
+        for i in range(config.peers):
+            peers.append(Process(f"peer-{i + 1}", cli("convforever.peer.cli") + [
+                "--initial-peers", *initial_peers, "--run-id", config.run_id, "--data", str(data / "train"),
+                "--model", config.model, "--image-size", str(config.image_size), "--batch-size", str(config.batch_size),
+                "--target-batch-size", str(config.target_batch_size), "--max-steps", str(config.max_steps),
+                "--lr", str(config.lr), "--compression", config.compression, "--warmup-steps", "3",
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--save-on-exit", str(work / f"peer-{i + 1}"),
+            ]))
+        codes = [p.popen.wait() for p in peers]
+        if any(codes):
+            raise RuntimeError(f"peer exit codes {codes}; see their output above")
+    finally:
+        for p in peers:
+            p.stop()
+        coordinator.stop()
+    result = subprocess.run(
+        cli("convforever.peer.evaluate") + ["--checkpoint", str(checkpoints), "--data", str(data / "eval")],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(result.stdout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    d = SwarmConfig()
+    p = argparse.ArgumentParser(prog="convforever-local-swarm", description=__doc__.splitlines()[0])
+    for name, value in vars(d).items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    config = SwarmConfig(**vars(p.parse_args(argv)))
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    result = run(config)
+    print(f"[demo] evaluated {config.workdir / 'checkpoints'} (step {result['checkpoint_step']}) on "
+          f"{result['samples']} held-out images: top-1 {result['top1']:.3f}, top-5 {result['top5']:.3f} "
+          f"(chance {1 / 10:.2f}); wall time {time.monotonic() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""What a peer tells its user (the progress line) and the swarm (a metrics record in the DHT)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from convforever.compression import TrafficSnapshot
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class ProgressWindow:
+    """Loss and throughput since the previous report, plus running totals for the whole run."""
+
+    started: float = field(default_factory=time.monotonic)
+    window_start: float = field(default_factory=time.monotonic)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    window_samples: int = 0
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def observe(self, loss: float, batch_size: int, skipped: dict[str, int]) -> None:
+        self.loss_sum += loss * batch_size
+        self.loss_count += batch_size
+        self.window_samples += batch_size
+        self.samples += batch_size
+        self.skipped.update(skipped)
+
+    def close(self) -> tuple[float, float]:
+        """Return (mean loss, samples/s) for the window and start a new one."""
+        now = time.monotonic()
+        loss = self.loss_sum / self.loss_count if self.loss_count else math.nan
+        rate = self.window_samples / max(now - self.window_start, 1e-9)
+        self.loss_sum, self.loss_count, self.window_samples, self.window_start = 0.0, 0, 0, now
+        return loss, rate
+
+
+def format_progress(
+    step: int, loss: float, samples_per_second: float, peers: int, traffic: TrafficSnapshot,
+    last_group_size: int, skipped: Counter,
+) -> str:
+    """The one line a volunteer watches: is it learning, how fast, with whom, at what network cost."""
+    rounds = traffic.grad_rounds
+    per_round = traffic.grad_bytes_sent / rounds if rounds else 0.0
+    ratio = traffic.ratio_vs_fp32
+    skipped_text = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())) or "none"
+    return " | ".join([
+        f"step {step}",
+        f"loss {loss:.4f}" if math.isfinite(loss) else "loss -",
+        f"{samples_per_second:.1f} samples/s",
+        f"peers {peers} (last group {last_group_size})",
+        f"sent {human_bytes(traffic.grad_bytes_sent + traffic.state_bytes_sent)}"
+        f" recv {human_bytes(traffic.grad_bytes_received + traffic.state_bytes_received)}",
+        f"{human_bytes(per_round)}/round, {ratio:.0f}x vs fp32" if rounds else "no averaging round yet",
+        f"skipped {skipped_text}",
+    ])

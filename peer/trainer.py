@@ -1,0 +1,212 @@
+"""One volunteer peer: a local ConvNeXt training loop whose optimizer steps are taken by the swarm.
+
+The loop itself is nanoGPT-short: forward, backward, `opt.step()`. `hivemind.Optimizer` does the
+rest: it accumulates local gradients until the swarm as a whole has `target_batch_size` samples,
+all-reduces them (compressed, see `convforever.compression`) and applies the same AdamW step on
+every peer, so the global step (hivemind's "epoch") advances in lock-step across the swarm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import zlib
+from collections import Counter
+from functools import partial
+from typing import Optional
+
+import hivemind
+from hivemind.p2p import P2PDaemonError
+from hivemind.utils import get_dht_time
+import torch
+import torch.nn.functional as F
+
+from convforever.compression import TrafficCounters, build_averaging_kwargs
+from convforever.coordinator.protocol import ModelInfo, PeerMetrics, RunRecords
+from convforever.data import CATEGORIES, DataConfig, make_loader
+from convforever.model import create_model, param_groups
+from convforever.model.checkpoint import save_checkpoint
+
+from .config import PeerConfig
+from .report import ProgressWindow, format_progress
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmUnreachable(RuntimeError):
+    """No initial peer answered: the user must fix the address or start the coordinator."""
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer that remembers how many peers each gradient all-reduce really had.
+
+    hivemind only logs the group size; we need it in the progress line and in the metrics, since
+    a peer that keeps averaging alone is the first sign of a swarm falling apart.
+    """
+
+    def __init__(self, **kwargs):
+        self.last_group_size = 0
+        self.group_sizes: Counter = Counter()  # group size -> global steps averaged in a group of that size
+        super().__init__(**kwargs)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        control = maybe_step_control
+        averaged = control is not None and control.done() and not control.cancelled() and control.exception() is None
+        self.last_group_size = len(control.result()) if averaged else 1
+        self.group_sizes[self.last_group_size] += 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(name)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up keyed to the global step, which hivemind feeds to the scheduler once per epoch."""
+    return min(1.0, (step + 1) / max(warmup_steps, 1))
+
+
+class Peer:
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        try:
+            self.dht = hivemind.DHT(
+                initial_peers=config.initial_peers,
+                host_maddrs=config.host_maddrs,
+                announce_maddrs=config.announce_maddrs or None,
+                client_mode=config.client_mode,  # hivemind.Optimizer ignores its own client_mode argument
+                start=True,
+            )
+        except P2PDaemonError as e:
+            raise SwarmUnreachable(
+                f"could not join the swarm through --initial-peers {' '.join(config.initial_peers)}: {e}. "
+                "Check that the coordinator is running and that the multiaddrs are the ones it printed "
+                "(its --maddrs-file), including the /p2p/... part."
+            ) from None
+        self.records = RunRecords(self.dht, config.run_id)
+        # Every peer starts from the same weights (seeded by the run id), so two peers that start
+        # at once agree even before either has downloaded the other's state.
+        torch.manual_seed(zlib.crc32(config.run_id.encode()))
+        self.model = create_model(config.model).to(self.device)
+        self.counters = TrafficCounters()
+        params = list(self.model.parameters())
+        self.opt = SwarmOptimizer(
+            dht=self.dht,
+            run_id=config.run_id,
+            params=param_groups(self.model, config.weight_decay),
+            optimizer=partial(torch.optim.AdamW, lr=config.lr, betas=(0.9, 0.999)),
+            scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(warmup_factor, warmup_steps=config.warmup_steps)),
+            batch_size_per_step=config.batch_size,
+            target_batch_size=config.target_batch_size,
+            matchmaking_time=config.matchmaking_time,
+            averaging_timeout=config.averaging_timeout,
+            average_state_every=config.average_state_every,
+            # hivemind warns (and can deadlock) when a matchmaking request may outlive matchmaking itself
+            averager_opts=dict(request_timeout=min(3.0, config.matchmaking_time / 2)),
+            verbose=False,
+            **build_averaging_kwargs(config.compression, self.counters, params),
+        )
+        data_seed = config.seed if config.seed is not None else int.from_bytes(self.dht.peer_id.to_bytes()[-4:], "big")
+        self.loader = make_loader(DataConfig(
+            files=config.data, image_size=config.image_size, batch_size=config.batch_size,
+            train=True, num_workers=config.num_workers, seed=data_seed,
+        ))
+        self.window = ProgressWindow()
+        self.model_info = ModelInfo(
+            name=config.model.name, depth=config.model.depth, num_classes=config.model.num_classes,
+            image_size=config.image_size, class_names=list(CATEGORIES[: config.model.num_classes]),
+        )
+
+    @property
+    def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def join(self) -> None:
+        """Catch up with the swarm: download the newest state if anyone is ahead of us."""
+        self.records.publish_model(self.model_info)
+        self.opt.load_state_from_peers()
+        # hivemind returns None both when it loaded a state and when it refused a stale one, so
+        # compare epochs ourselves; Optimizer.step() retries whenever we are out of sync.
+        global_step = self.opt.tracker.global_epoch
+        if self.opt.local_epoch + 1 < global_step:
+            logger.warning(
+                f"could not load a fresh state (we are at step {self.opt.local_epoch}, the swarm at {global_step}); "
+                "training will retry the download when it next finds itself out of sync"
+            )
+        else:
+            logger.info(f"joined run {self.config.run_id!r} at global step {self.opt.local_epoch}")
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        self.model.train()
+        loss = F.cross_entropy(self.model(images.to(self.device)), labels.to(self.device))
+        loss.backward()
+        self.opt.step()  # accumulates; every target_batch_size swarm samples it averages and steps
+        self.opt.zero_grad()
+        return loss.item()
+
+    def finished(self) -> bool:
+        return self.config.max_steps is not None and self.opt.local_epoch >= self.config.max_steps
+
+    def run(self, stop: threading.Event) -> None:
+        self.join()
+        last_report = time.monotonic()
+        for batch in self.loader:
+            if stop.is_set() or self.finished():
+                break
+            loss = self.train_step(batch.images, batch.labels)
+            self.window.observe(loss, len(batch.labels), batch.skipped)
+            if time.monotonic() - last_report >= self.config.report_every:
+                self.report()
+                last_report = time.monotonic()
+        self.report(final=self.finished())
+        sizes = dict(sorted(self.opt.group_sizes.items()))
+        logger.info(f"leaving at global step {self.opt.local_epoch}; all-reduce group sizes: {json.dumps(sizes)}")
+        if self.finished():
+            self.wait_for_checkpoint(stop)
+
+    def report(self, final: bool = False) -> None:
+        loss, rate = self.window.close()
+        traffic = self.counters.snapshot()
+        peers = self.opt.tracker.global_progress.num_peers
+        print(format_progress(self.opt.local_epoch, loss, rate, peers, traffic, self.opt.last_group_size, self.window.skipped), flush=True)
+        self.records.publish_model(self.model_info)
+        self.records.publish_metrics(PeerMetrics(
+            peer_id=str(self.dht.peer_id), step=self.opt.local_epoch, loss=float(loss), samples_per_second=float(rate),
+            samples=self.window.samples, bytes_sent=traffic.grad_bytes_sent, bytes_received=traffic.grad_bytes_received,
+            averaging_rounds=traffic.grad_rounds, last_group_size=self.opt.last_group_size,
+            compression_ratio=float(traffic.ratio_vs_fp32) if traffic.grad_rounds else 0.0, skipped=dict(self.window.skipped), final=final,
+            time=get_dht_time(),
+        ))
+
+    def wait_for_checkpoint(self, stop: threading.Event) -> None:
+        """At --max-steps, keep serving our state until the coordinator has checkpointed it (no lost work)."""
+        step, deadline = self.opt.local_epoch, time.monotonic() + self.config.exit_grace
+        checkpoint = self.records.latest_checkpoint()
+        if checkpoint is None:
+            logger.info("no coordinator has announced checkpoints; leaving without waiting")
+            return
+        logger.info(f"reached step {step}; waiting up to {self.config.exit_grace:.0f}s for the coordinator's checkpoint")
+        while checkpoint is None or checkpoint.step < step:
+            if stop.is_set() or time.monotonic() > deadline:
+                logger.warning(f"leaving before the coordinator checkpointed step {step}; the newest checkpoint is "
+                               f"{checkpoint.step if checkpoint else 'unknown'}")
+                return
+            stop.wait(1.0)
+            checkpoint = self.records.latest_checkpoint()
+        logger.info(f"the coordinator saved step {checkpoint.step} at {checkpoint.path}")
+
+    def close(self) -> None:
+        if self.config.save_on_exit is not None:
+            meta = {"run_id": self.config.run_id, "model": self.model.config.to_dict(), "image_size": self.config.image_size,
+                    "class_names": self.model_info.class_names, "peer_id": str(self.dht.peer_id)}
+            path = save_checkpoint(self.config.save_on_exit, self.opt.local_epoch, self.model.state_dict(), meta)
+            logger.info(f"saved this peer's weights to {path}")
+        self.opt.shutdown()
+        self.dht.shutdown()

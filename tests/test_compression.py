@@ -1,0 +1,240 @@
+"""compression/: codecs under the installed numpy, config validation, byte-accounting maths, and a real pair."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+
+import pytest
+import torch
+from hivemind.compression import (
+    BlockwiseQuantization,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    ScaledFloat16Compression,
+    deserialize_torch_tensor,
+)
+
+from convforever.compression import (
+    MODES,
+    STATE_MODES,
+    CompressionConfig,
+    TrafficCounters,
+    TrafficSnapshot,
+    butterfly_bytes_sent,
+    compression_ratio,
+    fp32_bytes,
+    gradient_codec,
+    state_codec,
+)
+from convforever.compression.loopback import STATE_MODE, PairSpec, run_pair
+
+
+def _heavy_tailed(numel: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(numel, generator=generator) * torch.rand(numel, generator=generator).pow(4) * 1e-3
+
+
+# ---------------------------------------------------------------- codecs: the numpy<2.4 guard ----------------------
+
+# (codec, max abs error as a fraction of max |x|): what each mode's codec may lose in one encode/decode
+CODECS = [
+    (NoCompression(), 0.0),
+    (Float16Compression(), 1e-3),
+    (ScaledFloat16Compression(), 1e-3),
+    (BlockwiseQuantization(), 2e-2),
+]
+
+
+@pytest.mark.parametrize("codec,tolerance", CODECS, ids=lambda c: type(c).__name__ if not isinstance(c, float) else "")
+@pytest.mark.parametrize("shape", [(3,), (1000,), (4096 * 3 + 17,), (64, 33)])
+def test_codec_round_trips_through_hivemind_decoder(codec, tolerance, shape):
+    """Receivers decode by the enum in the message (deserialize_torch_tensor), so that is the path tested.
+
+    hivemind 1.1.12's quantizers call int() on a one-element numpy array, which numpy 2.4 rejects: this test is what
+    fails first if the numpy<2.4 pin is ever lifted.
+    """
+    tensor = _heavy_tailed(math.prod(shape)).reshape(shape)
+    message = codec.compress(tensor, CompressionInfo.from_tensor(tensor))
+    restored = deserialize_torch_tensor(message)
+    assert restored.shape == tensor.shape and restored.dtype == tensor.dtype
+    assert float((restored - tensor).abs().max()) <= tolerance * float(tensor.abs().max()) + 1e-12
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_codec_round_trips_small_and_large(mode):
+    codec = gradient_codec(CompressionConfig(mode=mode))
+    for numel in (10, 100_000):
+        tensor = _heavy_tailed(numel, seed=numel)
+        restored = deserialize_torch_tensor(codec.compress(tensor, CompressionInfo.from_tensor(tensor)))
+        assert float((restored - tensor).abs().max()) <= 2e-2 * float(tensor.abs().max())
+
+
+@pytest.mark.parametrize("state_mode", STATE_MODES)
+def test_state_codec_round_trips(state_mode):
+    params = torch.randn(50_000) * 0.05
+    codec = state_codec(CompressionConfig(state_compression=state_mode))
+    restored = deserialize_torch_tensor(codec.compress(params, CompressionInfo.from_tensor(params)))
+    assert float((restored - params).abs().max()) <= 2e-2 * float(params.abs().max())
+
+
+def test_small_tensors_skip_8bit_because_the_codebook_outweighs_them():
+    codec = gradient_codec(CompressionConfig(mode="8bit", min_8bit_numel=2048))
+    small, large = torch.randn(500), torch.randn(100_000)
+    small_bytes = codec.compress(small, CompressionInfo.from_tensor(small)).ByteSize()
+    large_bytes = codec.compress(large, CompressionInfo.from_tensor(large)).ByteSize()
+    assert small_bytes < 2 * 500 + 64  # scaled fp16, not 500 + 1 KiB codebook
+    assert large_bytes < 1.1 * 100_000
+
+
+# ---------------------------------------------------------------- config --------------------------------------------
+
+
+def test_config_defaults_are_valid():
+    config = CompressionConfig()
+    assert config.mode == "powersgd-8bit" and config.rank == 4 and config.state_compression == "fp16"
+
+
+def test_unknown_mode_names_the_flag_and_the_choices():
+    with pytest.raises(ValueError) as error:
+        CompressionConfig(mode="int4")
+    message = str(error.value)
+    assert "--compression" in message and "'int4'" in message
+    assert all(mode in message for mode in MODES)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 2.5, True])
+def test_rank_must_be_a_positive_integer(rank):
+    with pytest.raises(ValueError, match="rank"):
+        CompressionConfig(mode="powersgd", rank=rank)
+
+
+def test_unknown_state_compression_names_the_choices():
+    with pytest.raises(ValueError, match="state-compression.*none, fp16, 8bit"):
+        CompressionConfig(state_compression="powersgd")
+
+
+# ---------------------------------------------------------------- byte-accounting maths -----------------------------
+
+
+def test_fp32_bytes_counts_four_bytes_per_value():
+    assert fp32_bytes([torch.zeros(3, 4), torch.zeros(5)]) == 4 * 17
+
+
+def test_butterfly_pair_sends_one_payload():
+    assert butterfly_bytes_sent(1000, [0.5, 0.5], own_index=0, num_senders=2) == 1000
+
+
+def test_butterfly_large_group_approaches_two_payloads():
+    assert butterfly_bytes_sent(1000, [1, 1, 1, 1], own_index=2, num_senders=4) == 1500
+
+
+def test_butterfly_client_sends_everything_once_and_reduces_nothing():
+    assert butterfly_bytes_sent(1000, [0.0, 1.0, 1.0], own_index=0, num_senders=3) == 1000
+
+
+def test_butterfly_auxiliary_only_returns_averages():
+    # an aux peer reduces a share but sends no tensors of its own
+    assert butterfly_bytes_sent(1000, [0.5, 0.5], own_index=1, num_senders=1, own_is_sender=False) == 500
+
+
+def test_compression_ratio_is_fp32_over_bytes_per_round():
+    assert compression_ratio(1_000_000, bytes_sent=20_000, rounds=2) == 100.0
+    assert math.isnan(compression_ratio(1_000_000, bytes_sent=0, rounds=0))
+
+
+def test_snapshot_delta_recomputes_the_per_round_reference():
+    earlier = TrafficSnapshot(grad_bytes_sent=100, grad_rounds=1, grad_fp32_reference_bytes=4000,
+                              fp32_bytes_per_round=4000)
+    later = TrafficSnapshot(grad_bytes_sent=300, grad_rounds=3, grad_fp32_reference_bytes=12000,
+                            fp32_bytes_per_round=4000)
+    delta = later - earlier
+    assert delta.grad_bytes_sent == 200 and delta.grad_rounds == 2
+    assert delta.fp32_bytes_per_round == 4000
+    assert delta.bytes_per_round_sent == 100 and delta.ratio_vs_fp32 == 40.0
+
+
+def _add_in_child(counters: TrafficCounters) -> None:
+    counters.add(grad_bytes_sent=7, state_rounds=1)
+
+
+def test_counters_made_before_fork_see_child_increments():
+    counters = TrafficCounters()
+    counters.set_fp32_payload_bytes(4000)
+    child = mp.get_context("fork").Process(target=_add_in_child, args=(counters,))
+    child.start()
+    child.join(10)
+    snapshot = counters.snapshot()
+    assert snapshot.grad_bytes_sent == 7 and snapshot.state_rounds == 1
+    assert snapshot.fp32_bytes_per_round == 4000  # no round yet: the static pair estimate
+
+
+# ---------------------------------------------------------------- a real pair on 127.0.0.1 --------------------------
+
+PAIR_SHAPES = ((512, 256), (128, 64, 3, 3), (256,), (5000,))
+PAIR_RANK = 4
+
+
+def low_rank_grads(peer: int, round_index: int) -> list[torch.Tensor]:
+    """Matrices U C V with U, V fixed (rank 4) and C drawn per peer and round, plus 1-D noise.
+
+    Their mean has rank 4, so PowerSGD rank 4 recovers it; the subspace stays put across rounds as a real gradient's
+    roughly does, which is what PowerSGD's warm start (reusing last round's Q) relies on.
+    """
+    subspace = torch.Generator().manual_seed(12345)
+    coefficients = torch.Generator().manual_seed(100 * peer + round_index)
+    grads = []
+    for shape in PAIR_SHAPES:
+        if len(shape) == 1:
+            grads.append(torch.randn(shape, generator=coefficients) * 1e-3)
+            continue
+        rows, cols = shape[0], math.prod(shape[1:])
+        left, right = torch.randn(rows, 4, generator=subspace), torch.randn(4, cols, generator=subspace)
+        mixing = torch.randn(4, 4, generator=coefficients)
+        grads.append((left @ mixing @ right * 1e-3 / math.sqrt(cols)).reshape(shape))
+    return grads
+
+
+@pytest.fixture(scope="module")
+def pair_results():
+    spec = PairSpec(modes=MODES + (STATE_MODE,), shapes=PAIR_SHAPES, grads_fn=low_rank_grads, rounds=2,
+                    rank=PAIR_RANK, min_matchmaking_time=0.5, step_timeout=30, run_id="test_compression")
+    return {(r.mode, r.peer): r for r in run_pair(spec, timeout=60)}
+
+
+def test_pair_counts_both_directions_for_every_mode(pair_results):
+    payload = fp32_bytes(torch.zeros(shape) for shape in PAIR_SHAPES)
+    for mode in MODES:
+        for peer in (0, 1):
+            snapshot = pair_results[mode, peer].snapshot
+            assert snapshot.grad_rounds == 2
+            assert snapshot.grad_bytes_sent > 0 and snapshot.grad_bytes_received > 0
+            assert snapshot.grad_payload_bytes_sent < snapshot.grad_bytes_sent
+            assert snapshot.fp32_bytes_per_round == payload  # a pair sends one fp32 payload per round
+
+
+def test_pair_byte_ordering_between_modes(pair_results):
+    sent = {mode: pair_results[mode, 0].snapshot.bytes_per_round_sent for mode in MODES}
+    assert sent["8bit"] < sent["fp16"] < sent["none"]
+    assert sent["powersgd"] * 5 < sent["none"]
+    assert sent["powersgd-8bit"] < sent["powersgd"]
+    assert 0.98 < pair_results["none", 0].snapshot.ratio_vs_fp32 <= 1.0  # protobuf headers cost under 2%
+
+
+def test_pair_averages_correctly(pair_results):
+    assert pair_results["none", 0].max_abs_error < 1e-9
+    assert pair_results["fp16", 0].rel_l2_error < 1e-3
+    assert pair_results["8bit", 0].rel_l2_error < 5e-2
+    assert pair_results["powersgd", 0].rel_l2_error < 1e-3  # the mean is rank 4: nothing is lost
+    # 8-bit P before orthogonalization costs ~10% on the big matrix per round; error feedback re-sends it next round
+    assert pair_results["powersgd-8bit", 0].rel_l2_error < 0.15
+
+
+def test_pair_state_averaging_counts_the_sender_half(pair_results):
+    payload_fp16 = fp32_bytes(torch.zeros(shape) for shape in PAIR_SHAPES) // 2
+    sent = [pair_results[STATE_MODE, peer].snapshot for peer in (0, 1)]
+    assert all(s.state_rounds == 1 and s.state_bytes_sent > 0 for s in sent)
+    # the two sender halves together are one fp16 copy of the tensors (plus headers)
+    assert payload_fp16 <= sum(s.state_bytes_sent for s in sent) < 1.02 * payload_fp16
+    assert pair_results[STATE_MODE, 0].rel_l2_error < 1e-3

@@ -1,0 +1,64 @@
+"""The peer's pure parts and its command-line contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from convforever.compression import TrafficSnapshot
+from convforever.peer.cli import parse_args
+from convforever.peer.report import ProgressWindow, format_progress, human_bytes
+from convforever.peer.trainer import warmup_factor
+
+
+def test_warmup_is_linear_in_the_global_step():
+    assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+
+
+def test_human_bytes():
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(2_500) == "2.5 kB"
+    assert human_bytes(3_200_000) == "3.2 MB"
+
+
+def test_progress_window_means_and_totals():
+    w = ProgressWindow()
+    w.observe(2.0, 10, {"no_label": 1})
+    w.observe(1.0, 30, {"no_label": 2, "corrupt_image": 1})
+    loss, rate = w.close()
+    assert loss == pytest.approx(1.25) and rate > 0
+    assert w.samples == 40 and w.skipped == Counter(no_label=3, corrupt_image=1)
+    assert w.close()[1] == 0.0  # a new window starts empty
+
+
+def test_progress_line_has_every_field():
+    traffic = TrafficSnapshot(grad_bytes_sent=200_000, grad_bytes_received=190_000, grad_rounds=4,
+                              state_bytes_sent=0, state_bytes_received=0, state_rounds=0,
+                              fp32_bytes_per_round=10_000_000)
+    line = format_progress(12, 1.5, 33.3, 2, traffic, 2, Counter(no_label=3))
+    for part in ("step 12", "loss 1.5000", "33.3 samples/s", "peers 2 (last group 2)", "sent 200.0 kB",
+                 "recv 190.0 kB", "50.0 kB/round, 200x vs fp32", "skipped no_label 3"):
+        assert part in line, line
+
+
+def test_cli_rejects_bad_input_with_the_flag_name(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--run-id", "r", "--data", "x", "--model", "convnext_gigantic"])
+    assert "convnext_gigantic" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--run-id", "r", "--data", "x", "--depth", "2"])
+    assert "depth" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--run-id", "r", "--data", "x", "--batch-size", "64", "--target-batch-size", "32"])
+    assert "--target-batch-size" in capsys.readouterr().err
+
+
+def test_peer_with_no_data_files_says_what_to_fix(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "convforever.peer.cli", "--run-id", "r", "--data", str(tmp_path / "none*.parquet")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--data" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,132 @@
+"""A real swarm on loopback: a coordinator and two peers as subprocesses, through the real CLIs.
+
+This is the test a user's first `make demo` corresponds to: if it passes, processes find each
+other through the DHT, average compressed gradients in groups of two, step together, the
+coordinator checkpoints a fresh state, and the checkpoint evaluates.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 5
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_text(path: Path, proc: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text().strip():
+            return path.read_text()
+        assert proc.poll() is None, f"process exited early with {proc.returncode}"
+        time.sleep(0.2)
+    raise TimeoutError(path)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    work = tmp_path_factory.mktemp("swarm")
+    subprocess.run([sys.executable, "-m", "convforever.data.demo", "--out", str(work / "data"), "--train-rows", "800",
+                    "--eval-rows", "120", "--image-size", "48", "--seed", "1"], check=True, capture_output=True)
+    maddrs = work / "maddrs.txt"
+    coordinator = start(["convforever.coordinator.cli", "--run-id", "t", "--checkpoint-dir", str(work / "ckpt"),
+                         "--checkpoint-every", "2", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(maddrs),
+                         "--status-every", "1"], work / "coordinator.log")
+    peers = []
+    try:
+        initial = wait_for_text(maddrs, coordinator, 60).split()
+        for i in range(2):
+            peers.append(start([
+                "convforever.peer.cli", "--initial-peers", *initial, "--run-id", "t", "--data", str(work / "data" / "train"),
+                "--model", "convnext_atto", "--image-size", "32", "--batch-size", "16", "--target-batch-size", "64",
+                "--max-steps", str(MAX_STEPS), "--lr", "2e-3", "--warmup-steps", "1", "--matchmaking-time", "3",
+                "--report-every", "1", "--num-workers", "0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                "--save-on-exit", str(work / f"peer{i}"), "--exit-grace", "60",
+            ], work / f"peer{i}.log"))
+        codes = [p.wait(timeout=400) for p in peers]
+    finally:
+        for p in peers:
+            if p.poll() is None:
+                p.kill()
+        coordinator.send_signal(2)
+        coordinator_code = coordinator.wait(timeout=30)
+    logs = {name: (work / f"{name}.log").read_text() for name in ("peer0", "peer1", "coordinator")}
+    return work, codes, coordinator_code, logs
+
+
+def test_processes_exit_cleanly(swarm):
+    _, codes, coordinator_code, logs = swarm
+    assert codes == [0, 0], logs
+    assert coordinator_code == 0, logs["coordinator"]
+    for name, log in logs.items():
+        assert "Traceback" not in log, f"{name} printed a traceback:\n{log}"
+
+
+def test_peers_reach_the_last_step_averaging_in_pairs(swarm):
+    _, _, _, logs = swarm
+    for name in ("peer0", "peer1"):
+        sizes = json.loads(re.search(r"all-reduce group sizes: (\{.*\})", logs[name]).group(1))
+        steps = re.findall(r"^step (\d+) \|", logs[name], flags=re.M)
+        assert int(steps[-1]) >= MAX_STEPS >= 3
+        # Every global step but possibly the very first (peers join a few seconds apart) averaged with both peers.
+        assert sizes.get("2", 0) >= MAX_STEPS - 1, (name, sizes)
+
+
+def test_loss_falls(swarm):
+    _, _, _, logs = swarm
+    for name in ("peer0", "peer1"):
+        losses = [float(x) for x in re.findall(r"\| loss (\d+\.\d+) \|", logs[name])]
+        assert len(losses) >= 3, logs[name]
+        assert min(losses[-2:]) < losses[0], (name, losses)
+
+
+def test_peer_parameters_agree(swarm):
+    """Both peers apply the same averaged gradient to the same weights, so they stay close.
+
+    They are not bit-identical: in hivemind's all-reduce each peer adds an 8-bit-quantized delta
+    to its own uncompressed part, and PowerSGD orthogonalises each peer's copy of P separately,
+    so per-step updates differ by the quantisation error (~1% of an update). With AdamW at lr 2e-3
+    an update moves a weight by at most ~lr, so after a handful of steps the peers may differ by
+    about steps x lr x 1% per weight, far below the 1e-2 (relative to each tensor's scale) we allow;
+    weights that had drifted apart would differ by O(lr x steps) = 1e-2 or more.
+    """
+    work, _, _, _ = swarm
+    a = load_file(str(work / "peer0" / f"step-{MAX_STEPS}" / "model.safetensors"))
+    b = load_file(str(work / "peer1" / f"step-{MAX_STEPS}" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = a[name].abs().max().clamp(min=1e-3)
+        assert (a[name] - b[name]).abs().max() / scale < 1e-2, name
+
+
+def test_coordinator_checkpoint_loads_and_evaluates(swarm):
+    work, _, _, logs = swarm
+    latest = (work / "ckpt" / "latest").read_text().strip()
+    assert int(latest.removeprefix("step-")) >= MAX_STEPS, logs["coordinator"]
+    config = json.loads((work / "ckpt" / latest / "config.json").read_text())
+    assert config["model"]["name"] == "convnext_atto" and config["image_size"] == 32
+    assert len(config["class_names"]) == config["model"]["num_classes"] == 50
+    # the coordinator's copy is the swarm's state: close to what the peers ended with
+    peer = load_file(str(work / "peer0" / f"step-{MAX_STEPS}" / "model.safetensors"))
+    ours = load_file(str(work / "ckpt" / latest / "model.safetensors"))
+    if config["step"] == MAX_STEPS:
+        assert all(torch.allclose(ours[k], peer[k], atol=1e-2) for k in peer)
+    result = subprocess.run([sys.executable, "-m", "convforever.peer.evaluate", "--checkpoint", str(work / "ckpt"),
+                             "--data", str(work / "data" / "eval")], check=True, capture_output=True, text=True)
+    metrics = json.loads(result.stdout)
+    assert metrics["samples"] > 100 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    assert metrics["checkpoint_step"] == config["step"]
