@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
-import sys
 import threading
 from pathlib import Path
 
+from .process import install_stop_handlers, setup_logging
 from .service import Coordinator, CoordinatorConfig
 
 logger = logging.getLogger(__name__)
@@ -43,33 +41,6 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         )
     except ValueError as e:
         p.error(str(e))
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-def install_stop_handlers(stop: threading.Event) -> None:
-    """First Ctrl+C/SIGTERM asks for a clean shutdown; a second one leaves at once.
-
-    hivemind forks its DHT and averager processes after this runs, so they inherit the handler;
-    in them it restores the default action, or hivemind could not terminate its own children.
-    """
-    owner = os.getpid()
-
-    def handler(signum, _frame):
-        if os.getpid() != owner:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if stop.is_set():
-            raise SystemExit(128 + signum)
-        logger.info(f"received {signal.Signals(signum).name}, shutting down (again to force)")
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> None:

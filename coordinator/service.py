@@ -7,6 +7,7 @@ state is really at the step it is saving, and writes it with `convforever.model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -87,6 +88,7 @@ class Coordinator:
         if config.maddrs_file:
             config.maddrs_file.parent.mkdir(parents=True, exist_ok=True)
             config.maddrs_file.write_text("".join(m + "\n" for m in self.maddrs))
+        self.global_step = 0
         self.model_info: Optional[ModelInfo] = None
         self.fetcher: Optional[StateFetcher] = None
         self.last_saved = self._existing_checkpoint_step()
@@ -119,10 +121,13 @@ class Coordinator:
 
     def tick(self) -> str:
         view = swarm_view(self.records.progress())
+        # The step never goes back: when every peer has left, their progress records expire, not the run's step.
+        self.global_step = max(self.global_step, view.global_step, self.last_saved)
+        view = dataclasses.replace(view, global_step=self.global_step)
         metrics = self.records.metrics()
         leaving = [m.step for m in metrics if m.final and m.step > self.last_saved]
         due = checkpoint_due(view.global_step, self.last_saved, self.config.checkpoint_every)
-        if (due or leaving) and self._ensure_model():
+        if (due or leaving) and view.num_peers > 0 and self._ensure_model():
             self.checkpoint(max([view.global_step, *leaving]), metrics)
         # Re-announced every tick: peers at --max-steps wait for it, and it tells them a coordinator is there.
         self.records.publish_checkpoint(CheckpointInfo(step=self.last_saved, path=self.last_path, time=get_dht_time()))

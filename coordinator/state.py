@@ -23,6 +23,8 @@ from hivemind.optim.state_averager import TrainingStateAverager
 
 from convforever.model import ConvNeXt, flat_parameter_names
 
+from .process import keep_signal_handlers
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,13 +55,14 @@ class StateFetcher:
         params = dict(model.named_parameters())
         self.shapes = [params[name].shape for name in self.names]
         self.timeout = timeout
-        self.averager = StateDownloader(
-            averaged_tensors=[torch.zeros(1)],  # never averaged; hivemind only requires something here
-            dht=dht,
-            prefix=f"{run_id}_state_averager",
-            client_mode=True,  # do not announce ourselves as a state source or an averaging partner
-            start=True,
-        )
+        with keep_signal_handlers():
+            self.averager = StateDownloader(
+                averaged_tensors=[torch.zeros(1)],  # never averaged; hivemind only requires something here
+                dht=dht,
+                prefix=f"{run_id}_state_averager",
+                client_mode=True,  # do not announce ourselves as a state source or an averaging partner
+                start=True,
+            )
 
     def fetch(self, min_step: int) -> Optional[FetchedState]:
         """Return the state if a peer served one at step >= `min_step`, else None (and say why)."""

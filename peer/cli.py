@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from convforever.compression import MODES, CompressionConfig
-from convforever.coordinator.cli import install_stop_handlers, setup_logging
+from convforever.coordinator.process import install_stop_handlers, setup_logging
 from convforever.model import MODEL_NAMES, ModelConfig
 
 from .config import PeerConfig
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=MODES, default=CompressionConfig().mode)
     p.add_argument("--rank", type=int, default=CompressionConfig().rank, help="PowerSGD rank")
     p.add_argument("--max-steps", type=int, help="leave after this many global steps")
+    p.add_argument("--min-peers", type=int, default=d.min_peers,
+                   help="wait until this many training peers (this one included) are online before training")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
@@ -69,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             model=ModelConfig(name=args.model, depth=args.depth, num_classes=args.num_classes),
             compression=CompressionConfig(mode=args.compression, rank=args.rank),
             image_size=args.image_size, batch_size=args.batch_size, target_batch_size=args.target_batch_size,
-            device=args.device, max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
+            device=args.device, max_steps=args.max_steps, min_peers=args.min_peers, lr=args.lr, weight_decay=args.weight_decay,
             warmup_steps=args.warmup_steps, matchmaking_time=args.matchmaking_time,
             averaging_timeout=args.averaging_timeout, average_state_every=args.average_state_every,
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, client_mode=args.client_mode,

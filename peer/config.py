@@ -22,6 +22,7 @@ class PeerConfig:
     target_batch_size: int = 256  # samples the whole swarm accumulates per global step
     device: str = "auto"
     max_steps: Optional[int] = None  # leave after this many global steps
+    min_peers: int = 1  # training peers (us included) to wait for before the first step
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 10  # global steps of linear learning-rate warm-up
@@ -47,6 +48,7 @@ class PeerConfig:
             (self.target_batch_size >= self.batch_size, "--target-batch-size must be >= --batch-size"),
             (self.image_size >= 16, "--image-size must be >= 16 pixels"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
+            (self.min_peers >= 1, "--min-peers must be >= 1"),
             (self.lr > 0, "--lr must be positive"),
             (self.average_state_every >= 1, "--average-state-every must be >= 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device is auto, cpu or cuda[:N]"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import zlib
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from convforever.compression import TrafficCounters, build_averaging_kwargs
-from convforever.coordinator.protocol import ModelInfo, PeerMetrics, RunRecords
+from convforever.coordinator.process import keep_signal_handlers
+from convforever.coordinator.protocol import METRICS_TTL, ModelInfo, PeerMetrics, RunRecords
 from convforever.data import CATEGORIES, DataConfig, make_loader
 from convforever.model import create_model, param_groups
 from convforever.model.checkpoint import save_checkpoint
@@ -48,15 +50,20 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def __init__(self, **kwargs):
         self.last_group_size = 0
-        self.group_sizes: Counter = Counter()  # group size -> global steps averaged in a group of that size
+        self.group_sizes: Counter = Counter()  # group size -> global steps taken in a group of that size (1 = alone)
         super().__init__(**kwargs)
+
+    def _update_global_epoch(self, grad_scaler):
+        self._group_size = 1  # stays 1 when hivemind decides there is nobody to average with
+        super()._update_global_epoch(grad_scaler)
+        self.last_group_size = self._group_size
+        self.group_sizes[self._group_size] += 1
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         control = maybe_step_control
-        averaged = control is not None and control.done() and not control.cancelled() and control.exception() is None
-        self.last_group_size = len(control.result()) if averaged else 1
-        self.group_sizes[self.last_group_size] += 1
+        if control is not None and control.done() and not control.cancelled() and control.exception() is None:
+            self._group_size = len(control.result())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,6 +72,11 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
+
+
+def initial_seed(run_id: str) -> int:
+    """Every peer of a run starts from the same weights, so peers that start at once already agree."""
+    return zlib.crc32(run_id.encode())
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -91,34 +103,37 @@ class Peer:
                 "(its --maddrs-file), including the /p2p/... part."
             ) from None
         self.records = RunRecords(self.dht, config.run_id)
-        # Every peer starts from the same weights (seeded by the run id), so two peers that start
-        # at once agree even before either has downloaded the other's state.
-        torch.manual_seed(zlib.crc32(config.run_id.encode()))
+        torch.manual_seed(initial_seed(config.run_id))
         self.model = create_model(config.model).to(self.device)
         self.counters = TrafficCounters()
         params = list(self.model.parameters())
-        self.opt = SwarmOptimizer(
-            dht=self.dht,
-            run_id=config.run_id,
-            params=param_groups(self.model, config.weight_decay),
-            optimizer=partial(torch.optim.AdamW, lr=config.lr, betas=(0.9, 0.999)),
-            scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(warmup_factor, warmup_steps=config.warmup_steps)),
-            batch_size_per_step=config.batch_size,
-            target_batch_size=config.target_batch_size,
-            matchmaking_time=config.matchmaking_time,
-            averaging_timeout=config.averaging_timeout,
-            average_state_every=config.average_state_every,
-            # hivemind warns (and can deadlock) when a matchmaking request may outlive matchmaking itself
-            averager_opts=dict(request_timeout=min(3.0, config.matchmaking_time / 2)),
-            verbose=False,
-            **build_averaging_kwargs(config.compression, self.counters, params),
-        )
+        with keep_signal_handlers():
+            self.opt = SwarmOptimizer(
+                dht=self.dht,
+                run_id=config.run_id,
+                params=param_groups(self.model, config.weight_decay),
+                optimizer=partial(torch.optim.AdamW, lr=config.lr, betas=(0.9, 0.999)),
+                scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(warmup_factor, warmup_steps=config.warmup_steps)),
+                batch_size_per_step=config.batch_size,
+                target_batch_size=config.target_batch_size,
+                matchmaking_time=config.matchmaking_time,
+                averaging_timeout=config.averaging_timeout,
+                average_state_every=config.average_state_every,
+                # hivemind warns (and can deadlock) when a matchmaking request may outlive matchmaking itself
+                averager_opts=dict(request_timeout=min(3.0, config.matchmaking_time / 2)),
+                # While a tracker believes it is alone it refreshes every default_refresh_period (3 s); a
+                # peer that reaches the target batch before it has seen the others steps alone and drifts.
+                tracker_opts=dict(default_refresh_period=1.0),
+                verbose=False,
+                **build_averaging_kwargs(config.compression, self.counters, params),
+            )
         data_seed = config.seed if config.seed is not None else int.from_bytes(self.dht.peer_id.to_bytes()[-4:], "big")
         self.loader = make_loader(DataConfig(
             files=config.data, image_size=config.image_size, batch_size=config.batch_size,
             train=True, num_workers=config.num_workers, seed=data_seed,
         ))
         self.window = ProgressWindow()
+        self.last_loss = math.nan
         self.model_info = ModelInfo(
             name=config.model.name, depth=config.model.depth, num_classes=config.model.num_classes,
             image_size=config.image_size, class_names=list(CATEGORIES[: config.model.num_classes]),
@@ -128,9 +143,27 @@ class Peer:
     def visible_maddrs(self) -> list[str]:
         return [str(m) for m in self.dht.get_visible_maddrs()]
 
-    def join(self) -> None:
+    def wait_for_peers(self, stop: threading.Event) -> None:
+        """Hold off training until --min-peers training peers (us included) are in the swarm.
+
+        Peers that start together would otherwise each reach the target batch alone before their
+        progress trackers have seen one another, step apart, and spend the run re-downloading state.
+        """
+        announced = 0.0
+        self.publish(math.nan, 0.0)  # hivemind's tracker stays silent until a peer has samples: say we are here
+        while not stop.is_set():
+            now = get_dht_time()
+            seen = len({m.peer_id for m in self.records.metrics() if not m.final and m.time > now - METRICS_TTL})
+            if seen >= self.config.min_peers:
+                return
+            if time.monotonic() - announced > 10:
+                print(f"waiting for peers: {seen} of --min-peers {self.config.min_peers} online", flush=True)
+                announced = time.monotonic()
+            stop.wait(0.5)
+
+    def join(self, stop: threading.Event) -> None:
         """Catch up with the swarm: download the newest state if anyone is ahead of us."""
-        self.records.publish_model(self.model_info)
+        self.wait_for_peers(stop)
         self.opt.load_state_from_peers()
         # hivemind returns None both when it loaded a state and when it refused a stale one, so
         # compare epochs ourselves; Optimizer.step() retries whenever we are out of sync.
@@ -155,7 +188,7 @@ class Peer:
         return self.config.max_steps is not None and self.opt.local_epoch >= self.config.max_steps
 
     def run(self, stop: threading.Event) -> None:
-        self.join()
+        self.join(stop)
         last_report = time.monotonic()
         for batch in self.loader:
             if stop.is_set() or self.finished():
@@ -173,16 +206,22 @@ class Peer:
 
     def report(self, final: bool = False) -> None:
         loss, rate = self.window.close()
+        loss = self.last_loss = loss if math.isfinite(loss) else self.last_loss  # an empty window keeps the last loss
         traffic = self.counters.snapshot()
         peers = self.opt.tracker.global_progress.num_peers
         print(format_progress(self.opt.local_epoch, loss, rate, peers, traffic, self.opt.last_group_size, self.window.skipped), flush=True)
+        self.publish(loss, rate, final)
+
+    def publish(self, loss: float, rate: float, final: bool = False) -> None:
+        """Tell the swarm (and the coordinator's status line and checkpoints) how we are doing."""
+        traffic = self.counters.snapshot()
         self.records.publish_model(self.model_info)
         self.records.publish_metrics(PeerMetrics(
             peer_id=str(self.dht.peer_id), step=self.opt.local_epoch, loss=float(loss), samples_per_second=float(rate),
             samples=self.window.samples, bytes_sent=traffic.grad_bytes_sent, bytes_received=traffic.grad_bytes_received,
             averaging_rounds=traffic.grad_rounds, last_group_size=self.opt.last_group_size,
-            compression_ratio=float(traffic.ratio_vs_fp32) if traffic.grad_rounds else 0.0, skipped=dict(self.window.skipped), final=final,
-            time=get_dht_time(),
+            compression_ratio=float(traffic.ratio_vs_fp32) if traffic.grad_rounds else 0.0,
+            skipped=dict(self.window.skipped), final=final, time=get_dht_time(),
         ))
 
     def wait_for_checkpoint(self, stop: threading.Event) -> None:

@@ -18,6 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from convforever.model import ModelConfig, create_model
+from convforever.peer.trainer import initial_seed
+
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 5
@@ -52,10 +55,10 @@ def swarm(tmp_path_factory):
         for i in range(2):
             peers.append(start([
                 "convforever.peer.cli", "--initial-peers", *initial, "--run-id", "t", "--data", str(work / "data" / "train"),
-                "--model", "convnext_atto", "--image-size", "32", "--batch-size", "16", "--target-batch-size", "64",
+                "--model", "convnext_atto", "--image-size", "32", "--batch-size", "16", "--target-batch-size", "256",
                 "--max-steps", str(MAX_STEPS), "--lr", "2e-3", "--warmup-steps", "1", "--matchmaking-time", "3",
                 "--report-every", "1", "--num-workers", "0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                "--save-on-exit", str(work / f"peer{i}"), "--exit-grace", "60",
+                "--save-on-exit", str(work / f"peer{i}"), "--exit-grace", "60", "--min-peers", "2",
             ], work / f"peer{i}.log"))
         codes = [p.wait(timeout=400) for p in peers]
     finally:
@@ -82,7 +85,8 @@ def test_peers_reach_the_last_step_averaging_in_pairs(swarm):
         sizes = json.loads(re.search(r"all-reduce group sizes: (\{.*\})", logs[name]).group(1))
         steps = re.findall(r"^step (\d+) \|", logs[name], flags=re.M)
         assert int(steps[-1]) >= MAX_STEPS >= 3
-        # Every global step but possibly the very first (peers join a few seconds apart) averaged with both peers.
+        # --min-peers 2 holds both back until they see each other; allow one round lost to timing,
+        # test_peer_parameters_agree catches a peer that stepped alone for real.
         assert sizes.get("2", 0) >= MAX_STEPS - 1, (name, sizes)
 
 
@@ -97,20 +101,24 @@ def test_loss_falls(swarm):
 def test_peer_parameters_agree(swarm):
     """Both peers apply the same averaged gradient to the same weights, so they stay close.
 
-    They are not bit-identical: in hivemind's all-reduce each peer adds an 8-bit-quantized delta
-    to its own uncompressed part, and PowerSGD orthogonalises each peer's copy of P separately,
-    so per-step updates differ by the quantisation error (~1% of an update). With AdamW at lr 2e-3
-    an update moves a weight by at most ~lr, so after a handful of steps the peers may differ by
-    about steps x lr x 1% per weight, far below the 1e-2 (relative to each tensor's scale) we allow;
-    weights that had drifted apart would differ by O(lr x steps) = 1e-2 or more.
+    They are not bit-identical: in hivemind's all-reduce each peer adds an 8-bit-quantised delta to
+    its own uncompressed part, and PowerSGD orthogonalises each peer's copy of P separately, so the
+    averaged gradients differ by the quantisation error, and AdamW's first steps (update ~ lr * sign(g))
+    turn a sign flip of a near-zero gradient entry into a full-lr difference for that entry. So we
+    compare the whole vectors: the peers' distance must be a small fraction (5%) of the distance
+    training moved them from the common initial weights. Peers that had stepped apart even once
+    would differ by the same order as that movement (measured here: ~1.4% when in step).
     """
     work, _, _, _ = swarm
     a = load_file(str(work / "peer0" / f"step-{MAX_STEPS}" / "model.safetensors"))
     b = load_file(str(work / "peer1" / f"step-{MAX_STEPS}" / "model.safetensors"))
     assert a.keys() == b.keys()
-    for name in a:
-        scale = a[name].abs().max().clamp(min=1e-3)
-        assert (a[name] - b[name]).abs().max() / scale < 1e-2, name
+    torch.manual_seed(initial_seed("t"))
+    init = create_model(ModelConfig(name="convnext_atto")).state_dict()
+    flat = {name: torch.cat([d[k].flatten() for k in sorted(a)]) for name, d in (("a", a), ("b", b), ("init", init))}
+    moved = (flat["a"] - flat["init"]).norm()
+    assert moved > 0
+    assert (flat["a"] - flat["b"]).norm() < 0.05 * moved
 
 
 def test_coordinator_checkpoint_loads_and_evaluates(swarm):
