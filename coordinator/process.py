@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.INFO if verbose else logging.ERROR)  # CPU-kernel notices
 
 
 def install_stop_handlers(stop: threading.Event) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Optional
 
+from convforever.data import write_demo_dataset
+
 
 @dataclass
 class SwarmConfig:
@@ -30,7 +32,7 @@ class SwarmConfig:
     model: str = "convnext_atto"
     image_size: int = 32
     batch_size: int = 32
-    target_batch_size: int = 128
+    target_batch_size: int = 512
     lr: float = 2e-3
     compression: str = "powersgd-8bit"
     train_rows: int = 3000
@@ -84,11 +86,10 @@ def wait_for_file(path: Path, process: Process, timeout: float) -> str:
 def run(config: SwarmConfig) -> dict:
     work = config.workdir
     data = work / "data"
-    if not (data / "eval").is_dir():
-        subprocess.run(cli("convforever.data.demo") + [
-            "--out", str(data), "--train-rows", str(config.train_rows), "--eval-rows", str(config.eval_rows),
-            "--image-size", str(config.image_size * 2),
-        ], check=True)
+    demo = write_demo_dataset(data, train_rows=config.train_rows, eval_rows=config.eval_rows,
+                              image_size=config.image_size * 2, seed=0)
+    print(f"[demo] {config.train_rows} training and {config.eval_rows} held-out images of {len(demo.categories)} "
+          f"categories in {data}", flush=True)
     maddrs_file = work / "coordinator.maddrs"
     maddrs_file.unlink(missing_ok=True)
     checkpoints = work / "checkpoints"
@@ -105,7 +106,7 @@ def run(config: SwarmConfig) -> dict:
                 "--model", config.model, "--image-size", str(config.image_size), "--batch-size", str(config.batch_size),
                 "--target-batch-size", str(config.target_batch_size), "--max-steps", str(config.max_steps),
                 "--lr", str(config.lr), "--compression", config.compression, "--warmup-steps", "3",
-                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--save-on-exit", str(work / f"peer-{i + 1}"),
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--min-peers", str(config.peers),
             ]))
         codes = [p.popen.wait() for p in peers]
         if any(codes):
@@ -118,7 +119,7 @@ def run(config: SwarmConfig) -> dict:
         cli("convforever.peer.evaluate") + ["--checkpoint", str(checkpoints), "--data", str(data / "eval")],
         check=True, capture_output=True, text=True,
     )
-    return json.loads(result.stdout)
+    return dict(json.loads(result.stdout), num_categories=len(demo.categories))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(config)
     print(f"[demo] evaluated {config.workdir / 'checkpoints'} (step {result['checkpoint_step']}) on "
           f"{result['samples']} held-out images: top-1 {result['top1']:.3f}, top-5 {result['top5']:.3f} "
-          f"(chance {1 / 10:.2f}); wall time {time.monotonic() - started:.0f}s")
+          f"(chance {1 / result['num_categories']:.2f}); wall time {time.monotonic() - started:.0f}s")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,11 @@ class Peer:
         torch.manual_seed(initial_seed(config.run_id))
         self.model = create_model(config.model).to(self.device)
         self.counters = TrafficCounters()
-        params = list(self.model.parameters())
+        averaging = build_averaging_kwargs(config.compression, self.counters, list(self.model.parameters()))
+        # hivemind warns (and can deadlock) when a matchmaking request may outlive matchmaking itself.
+        # Optimizer(averager_opts=...) only reaches the state averager, so the gradient averager gets it here.
+        request_timeout = min(3.0, config.matchmaking_time / 2)
+        averaging["grad_averager_factory"] = partial(averaging["grad_averager_factory"], request_timeout=request_timeout)
         with keep_signal_handlers():
             self.opt = SwarmOptimizer(
                 dht=self.dht,
@@ -119,13 +123,12 @@ class Peer:
                 matchmaking_time=config.matchmaking_time,
                 averaging_timeout=config.averaging_timeout,
                 average_state_every=config.average_state_every,
-                # hivemind warns (and can deadlock) when a matchmaking request may outlive matchmaking itself
-                averager_opts=dict(request_timeout=min(3.0, config.matchmaking_time / 2)),
+                averager_opts=dict(request_timeout=request_timeout),
                 # While a tracker believes it is alone it refreshes every default_refresh_period (3 s); a
                 # peer that reaches the target batch before it has seen the others steps alone and drifts.
                 tracker_opts=dict(default_refresh_period=1.0),
                 verbose=False,
-                **build_averaging_kwargs(config.compression, self.counters, params),
+                **averaging,
             )
         data_seed = config.seed if config.seed is not None else int.from_bytes(self.dht.peer_id.to_bytes()[-4:], "big")
         self.loader = make_loader(DataConfig(

@@ -62,3 +62,28 @@ def test_peer_with_no_data_files_says_what_to_fix(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "--data" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_a_training_peer_cleanly(tmp_path):
+    """A lone peer (a new swarm) trains; one SIGINT must end it within seconds, exit 0, no traceback."""
+    import signal
+    import time
+
+    subprocess.run([sys.executable, "-m", "convforever.data.demo", "--out", str(tmp_path / "data"), "--train-rows", "200",
+                    "--eval-rows", "20", "--image-size", "32"], check=True, capture_output=True)
+    log = tmp_path / "peer.log"
+    proc = subprocess.Popen([sys.executable, "-m", "convforever.peer.cli", "--run-id", "solo", "--data", str(tmp_path / "data" / "train"),
+                             "--image-size", "32", "--batch-size", "8", "--target-batch-size", "32", "--report-every", "0.5",
+                             "--num-workers", "1", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "samples/s" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in log.read_text(), log.read_text()
