@@ -46,7 +46,12 @@ def gradient_codec(config: CompressionConfig) -> CompressionBase:
 
 
 def state_codec(config: CompressionConfig) -> CompressionBase:
-    """Codec for state averaging and state download: parameters are O(1e-2..1), so plain fp16 keeps ~3 digits."""
+    """Codec for periodic state averaging (parameters only): they are O(1e-2..1), so plain fp16 keeps ~3 digits.
+
+    Never use it for the state *download*, which also carries Adam's statistics: exp_avg_sq is ~g**2
+    (1e-10 and below), which fp16 flushes to zero while exp_avg survives, and the next AdamW step then
+    divides by eps alone and throws weights to +-100 (seen in the 2-peer swarm test).
+    """
     if config.state_compression == "none":
         return NoCompression()
     if config.state_compression == "fp16":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from hivemind.compression import NoCompression
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
@@ -84,5 +85,6 @@ def build_averaging_kwargs(
         grad_averager_factory=GradientAveragerFactory(config, counters),
         grad_compression=grad_codec,
         state_averaging_compression=CountingCompression(state, counters, "state_bytes_sent", "state_rounds"),
-        load_state_compression=CountingCompression(state, counters, "state_download_bytes_sent"),
+        # fp32: the download carries optimizer statistics that fp16 would flush to zero (see state_codec)
+        load_state_compression=CountingCompression(NoCompression(), counters, "state_download_bytes_sent"),
     )

@@ -8,6 +8,8 @@ import logging
 import threading
 from pathlib import Path
 
+from hivemind.p2p import P2PDaemonError
+
 from .process import install_stop_handlers, setup_logging
 from .service import Coordinator, CoordinatorConfig
 
@@ -30,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
     p.add_argument("--announce-maddrs", nargs="+", default=[], help="public multiaddrs to announce (behind NAT)")
     p.add_argument("--identity", type=Path, help="private key file; created if missing, keeps the peer id across restarts")
     p.add_argument("--status-every", type=float, default=5.0, help="seconds between status lines")
+    p.add_argument("--state-timeout", type=float, default=120.0, help="seconds allowed for one state download")
     p.add_argument("-v", "--verbose", action="store_true", help="log hivemind's own messages too")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -37,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         return CoordinatorConfig(
             run_id=args.run_id, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, maddrs_file=args.maddrs_file,
-            identity=args.identity, status_every=args.status_every,
+            identity=args.identity, status_every=args.status_every, state_timeout=args.state_timeout,
         )
     except ValueError as e:
         p.error(str(e))
@@ -48,7 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     install_stop_handlers(stop)
     logger.info(f"config: {json.dumps(vars(config), default=str)}")
-    coordinator = Coordinator(config)
+    try:
+        coordinator = Coordinator(config)
+    except P2PDaemonError as e:
+        raise SystemExit(f"convforever-coordinator: error: could not start the DHT node on --host-maddrs "
+                         f"{' '.join(config.host_maddrs)}: {e}. Is the port already in use?")
     try:
         print("[coordinator] peers join with: --initial-peers " + " ".join(coordinator.maddrs), flush=True)
         coordinator.run(stop)

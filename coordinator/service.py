@@ -39,7 +39,7 @@ class CoordinatorConfig:
     maddrs_file: Optional[Path] = None
     identity: Optional[Path] = None  # a fixed private key keeps the coordinator's multiaddr across restarts
     status_every: float = 5.0  # seconds between status lines
-    state_timeout: float = 60.0
+    state_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
@@ -113,7 +113,12 @@ class Coordinator:
             logger.warning(f"peers announce {len(counts)} different models; checkpointing the most common: {info.name}")
         if self.model_info is None:
             self.model_info = info
-            model = create_model(ModelConfig(name=info.name, depth=info.depth, num_classes=info.num_classes))
+            try:
+                model = create_model(ModelConfig(name=info.name, depth=info.depth, num_classes=info.num_classes))
+            except ValueError as e:
+                self.model_info = None
+                logger.warning(f"peers announce a model this coordinator cannot build ({e}); not checkpointing")
+                return False
             self.fetcher = StateFetcher(self.dht, self.config.run_id, model, timeout=self.config.state_timeout)
             self.model_config = model.config
             logger.info(f"swarm trains {info.name} (depth={info.depth}, {info.num_classes} classes, {info.image_size}px)")
@@ -122,7 +127,7 @@ class Coordinator:
     def tick(self) -> str:
         view = swarm_view(self.records.progress())
         # The step never goes back: when every peer has left, their progress records expire, not the run's step.
-        self.global_step = max(self.global_step, view.global_step, self.last_saved)
+        self.global_step = max(self.global_step, view.global_step)
         view = dataclasses.replace(view, global_step=self.global_step)
         metrics = self.records.metrics()
         leaving = [m.step for m in metrics if m.final and m.step > self.last_saved]

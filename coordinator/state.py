@@ -66,7 +66,12 @@ class StateFetcher:
 
     def fetch(self, min_step: int) -> Optional[FetchedState]:
         """Return the state if a peer served one at step >= `min_step`, else None (and say why)."""
-        loaded = self.averager.load_state_from_peers(timeout=self.timeout)
+        try:
+            loaded = self.averager.load_state_from_peers(timeout=self.timeout)
+        except TimeoutError:
+            logger.warning(f"downloading the state took longer than {self.timeout:.0f}s; will retry "
+                           "(raise --state-timeout on slow links)")
+            return None
         if loaded is None:
             logger.warning("no peer served its state (none online, or all downloads failed); will retry")
             return None

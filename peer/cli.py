@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         peer = Peer(config)
-    except SwarmUnreachable as e:
+    except (SwarmUnreachable, ValueError) as e:  # unreachable swarm, unusable data or device: say what to fix
         raise SystemExit(f"convforever-peer: error: {e}")
     try:
         logger.info("other peers can also join through: " + " ".join(peer.visible_maddrs))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from convforever.compression import CompressionConfig
+from convforever.data import CATEGORIES
 from convforever.model import ModelConfig
 
 
@@ -51,6 +52,8 @@ class PeerConfig:
             (self.image_size >= 16, "--image-size must be >= 16 pixels"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.min_peers >= 1, "--min-peers must be >= 1"),
+            (self.model.num_classes >= len(CATEGORIES), f"--num-classes must be >= {len(CATEGORIES)}, the caption categories"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.lr > 0, "--lr must be positive"),
             (self.average_state_every >= 1, "--average-state-every must be >= 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device is auto, cpu or cuda[:N]"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -93,6 +94,7 @@ def run(config: SwarmConfig) -> dict:
     maddrs_file = work / "coordinator.maddrs"
     maddrs_file.unlink(missing_ok=True)
     checkpoints = work / "checkpoints"
+    shutil.rmtree(checkpoints, ignore_errors=True)  # a new run: never evaluate a previous demo's checkpoint
     coordinator = Process("coordinator", cli("convforever.coordinator.cli") + [
         "--run-id", config.run_id, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", str(config.checkpoint_every),
         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(maddrs_file), "--identity", str(work / "coordinator.key"),
@@ -108,9 +110,11 @@ def run(config: SwarmConfig) -> dict:
                 "--lr", str(config.lr), "--compression", config.compression, "--warmup-steps", "3",
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--min-peers", str(config.peers),
             ]))
-        codes = [p.popen.wait() for p in peers]
-        if any(codes):
-            raise RuntimeError(f"peer exit codes {codes}; see their output above")
+        while any(p.popen.poll() is None for p in peers):
+            failed = [p.name for p in peers if p.popen.poll() not in (None, 0)]
+            if failed or coordinator.popen.poll() is not None:
+                raise RuntimeError(f"{', '.join(failed) or 'the coordinator'} stopped early; see the output above")
+            time.sleep(0.5)
     finally:
         for p in peers:
             p.stop()

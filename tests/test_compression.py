@@ -22,6 +22,7 @@ from convforever.compression import (
     CompressionConfig,
     TrafficCounters,
     TrafficSnapshot,
+    build_averaging_kwargs,
     butterfly_bytes_sent,
     compression_ratio,
     fp32_bytes,
@@ -238,3 +239,10 @@ def test_pair_state_averaging_counts_the_sender_half(pair_results):
     # the two sender halves together are one fp16 copy of the tensors (plus headers)
     assert payload_fp16 <= sum(s.state_bytes_sent for s in sent) < 1.02 * payload_fp16
     assert pair_results[STATE_MODE, 0].rel_l2_error < 1e-3
+
+
+def test_state_download_keeps_tiny_optimizer_statistics():
+    """Adam's exp_avg_sq is ~grad**2; a lossy download flushes it to 0 and the next step divides by eps."""
+    codec = build_averaging_kwargs(CompressionConfig(), TrafficCounters(), [torch.zeros(4, 4)])["load_state_compression"]
+    exp_avg_sq = torch.full((64,), 1e-12)
+    assert torch.equal(deserialize_torch_tensor(codec.compress(exp_avg_sq, info=None)), exp_avg_sq)
