@@ -91,3 +91,33 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypa
     assert (tmp_path / "latest").read_text() == "step-1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1"]  # no half-written folder left
     ckpt.load_checkpoint(tmp_path)
+
+
+def test_identity_file_keeps_the_coordinator_address_across_restarts(tmp_path: Path):
+    """Peers keep their --initial-peers line when the coordinator restarts with the same --identity."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def start_and_read_maddrs() -> list[str]:
+        maddrs = tmp_path / "maddrs.txt"
+        maddrs.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-m", "convforever.coordinator.cli", "--run-id", "r",
+                                 "--checkpoint-dir", str(tmp_path / "ckpt"), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                                 "--maddrs-file", str(maddrs), "--identity", str(tmp_path / "keys" / "id.key")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not (maddrs.is_file() and maddrs.read_text().strip()):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+            return maddrs.read_text().split()
+        finally:
+            proc.send_signal(signal.SIGINT)
+            output = proc.communicate(timeout=30)[0]
+            assert proc.returncode == 0 and "Traceback" not in output, output
+
+    first, second = start_and_read_maddrs(), start_and_read_maddrs()
+    peer_id = lambda maddrs: {m.split("/p2p/")[1] for m in maddrs}
+    assert len(peer_id(first)) == 1 and peer_id(first) == peer_id(second)
