@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-maddrs", nargs="+", default=[])
     p.add_argument("--client-mode", action="store_true", help="dial out only (behind NAT without port forwarding)")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="data decoding processes")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: all cores); give each of several peers on one machine its share")
     p.add_argument("--seed", type=int, help="data order seed (default: random per peer)")
     p.add_argument("--report-every", type=float, default=d.report_every, help="seconds between progress lines")
     p.add_argument("--save-on-exit", type=Path, help="write this peer's weights here (safetensors) when it leaves")
@@ -75,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             warmup_steps=args.warmup_steps, matchmaking_time=args.matchmaking_time,
             averaging_timeout=args.averaging_timeout, average_state_every=args.average_state_every,
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, client_mode=args.client_mode,
-            num_workers=args.num_workers, seed=args.seed, report_every=args.report_every,
+            num_workers=args.num_workers, threads=args.threads, seed=args.seed, report_every=args.report_every,
             save_on_exit=args.save_on_exit, exit_grace=args.exit_grace,
         )
     except ValueError as e:

@@ -40,6 +40,7 @@ class PeerConfig:
     announce_maddrs: list[str] = field(default_factory=list)
     client_mode: bool = False  # behind NAT with no port forwarding: dial out only
     num_workers: int = 1  # DataLoader decode/augment processes
+    threads: Optional[int] = None  # torch CPU threads; None = torch's default (all cores)
     seed: Optional[int] = None  # data order; None = random per peer
     report_every: float = 5.0  # seconds between progress lines
     save_on_exit: Optional[Path] = None  # also write this peer's final weights here when it leaves
@@ -52,6 +53,7 @@ class PeerConfig:
             (self.image_size >= 16, "--image-size must be >= 16 pixels"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.min_peers >= 1, "--min-peers must be >= 1"),
+            (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.model.num_classes >= len(CATEGORIES), f"--num-classes must be >= {len(CATEGORIES)}, the caption categories"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.lr > 0, "--lr must be positive"),

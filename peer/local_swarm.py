@@ -109,6 +109,7 @@ def run(config: SwarmConfig) -> dict:
                 "--target-batch-size", str(config.target_batch_size), "--max-steps", str(config.max_steps),
                 "--lr", str(config.lr), "--compression", config.compression, "--warmup-steps", "3",
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--min-peers", str(config.peers),
+                "--threads", str(max(1, (os.cpu_count() or 1) // config.peers)),
             ]))
         while any(p.popen.poll() is None for p in peers):
             failed = [p.name for p in peers if p.popen.poll() not in (None, 0)]

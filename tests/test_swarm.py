@@ -58,7 +58,7 @@ def swarm(tmp_path_factory):
                 "--model", "convnext_atto", "--image-size", "32", "--batch-size", "16", "--target-batch-size", "256",
                 "--max-steps", str(MAX_STEPS), "--lr", "2e-3", "--warmup-steps", "1", "--matchmaking-time", "5",
                 "--report-every", "1", "--num-workers", "0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                "--save-on-exit", str(work / f"peer{i}"), "--exit-grace", "60", "--min-peers", "2",
+                "--save-on-exit", str(work / f"peer{i}"), "--exit-grace", "60", "--min-peers", "2", "--threads", "1",
             ], work / f"peer{i}.log"))
         codes = [p.wait(timeout=400) for p in peers]
     finally:
