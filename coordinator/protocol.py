@@ -14,7 +14,9 @@ Keys (with ``run_id="demo"``):
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
 
@@ -23,6 +25,8 @@ from hivemind import DHT
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import ValueWithExpiration, get_dht_time
+
+logger = logging.getLogger(__name__)
 
 NonNegInt = pydantic.conint(ge=0, strict=True)
 NonNegFloat = pydantic.confloat(ge=0.0, strict=True)
@@ -81,6 +85,7 @@ class RunRecords:
 
     def __init__(self, dht: DHT, run_id: str):
         self.dht, self.run_id = dht, run_id
+        self._pending: list = []  # store futures not yet confirmed; see flush()
         signer = RSASignatureValidator()  # the process-wide key, the same one hivemind's tracker signs with
         self.public_key = signer.local_public_key
         dht.add_validators([SchemaValidator(RunSchema, prefix=run_id), signer])
@@ -89,10 +94,22 @@ class RunRecords:
         return f"{self.run_id}_{field}"
 
     def _store(self, field: str, record: pydantic.BaseModel, ttl: float) -> None:
-        self.dht.store(
+        future = self.dht.store(
             self._key(field), subkey=self.public_key, value=record.dict(),
             expiration_time=get_dht_time() + ttl, return_future=True,
         )
+        self._pending = [f for f in self._pending if not f.done()] + [future]
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait for our last records to be stored: call before shutting the DHT down, or the DHT process
+        may still be unpickling a store request from a process that is already gone (a hivemind traceback)."""
+        deadline = time.monotonic() + timeout
+        for future in self._pending:
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except (TimeoutError, OSError, RuntimeError) as e:
+                logger.debug(f"a DHT record was not confirmed before shutdown: {e!r}")
+        self._pending = []
 
     def _fetch(self, field: str, model: type[pydantic.BaseModel]) -> list:
         found = self.dht.get(self._key(field), latest=True)

@@ -164,6 +164,7 @@ class Coordinator:
             stop.wait(self.config.status_every)
 
     def shutdown(self) -> None:
+        self.records.flush()
         if self.fetcher is not None:
             self.fetcher.shutdown()
         self.dht.shutdown()

@@ -24,7 +24,7 @@ from hivemind.utils import get_dht_time
 import torch
 import torch.nn.functional as F
 
-from convforever.compression import TrafficCounters, build_averaging_kwargs
+from convforever.compression import TrafficCounters, TrafficSnapshot, build_averaging_kwargs
 from convforever.coordinator.process import keep_signal_handlers
 from convforever.coordinator.protocol import METRICS_TTL, ModelInfo, PeerMetrics, RunRecords
 from convforever.data import CATEGORIES, DataConfig, make_loader
@@ -217,11 +217,11 @@ class Peer:
         traffic = self.counters.snapshot()
         peers = self.opt.tracker.global_progress.num_peers
         print(format_progress(self.opt.local_epoch, loss, rate, peers, traffic, self.opt.last_group_size, self.window.skipped), flush=True)
-        self.publish(loss, rate, final)
+        self.publish(loss, rate, final, traffic)
 
-    def publish(self, loss: float, rate: float, final: bool = False) -> None:
+    def publish(self, loss: float, rate: float, final: bool = False, traffic: Optional[TrafficSnapshot] = None) -> None:
         """Tell the swarm (and the coordinator's status line and checkpoints) how we are doing."""
-        traffic = self.counters.snapshot()
+        traffic = traffic or self.counters.snapshot()
         self.records.publish_model(self.model_info)
         self.records.publish_metrics(PeerMetrics(
             peer_id=str(self.dht.peer_id), step=self.opt.local_epoch, loss=float(loss), samples_per_second=float(rate),
@@ -254,5 +254,6 @@ class Peer:
                     "class_names": self.model_info.class_names, "peer_id": str(self.dht.peer_id)}
             path = save_checkpoint(self.config.save_on_exit, self.opt.local_epoch, self.model.state_dict(), meta)
             logger.info(f"saved this peer's weights to {path}")
+        self.records.flush()
         self.opt.shutdown()
         self.dht.shutdown()
