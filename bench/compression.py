@@ -114,8 +114,8 @@ def measured_table(results: list[ModeResult]) -> list[str]:
     by_mode = {r.mode: r for r in results if r.peer == 0}
     fp32_sent = by_mode["none"].snapshot.bytes_per_round_sent
     lines = [
-        f"| mode | sent MB/round/peer | received MB/round/peer | x vs fp32 (measured) | x vs fp32 (counter) "
-        f"| parts sent/round | max abs err | rel L2 err | rel L2 err of the sum over rounds |",
+        "| mode | sent MB/round/peer | received MB/round/peer | x vs fp32 (measured) | x vs fp32 (counter) "
+        "| parts sent/round | max abs err | rel L2 err | rel L2 err of the sum over rounds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in MODES:

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         coordinator = Coordinator(config)
     except P2PDaemonError as e:
         raise SystemExit(f"convforever-coordinator: error: could not start the DHT node on --host-maddrs "
-                         f"{' '.join(config.host_maddrs)}: {e}. Is the port already in use?")
+                         f"{' '.join(config.host_maddrs)}: {e}. Is the port already in use?") from None
     try:
         print("[coordinator] peers join with: --initial-peers " + " ".join(coordinator.maddrs), flush=True)
         coordinator.run(stop)

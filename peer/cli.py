@@ -91,7 +91,7 @@ def check_data(config: PeerConfig) -> None:
     try:
         files = resolve_files(config.data)
     except ValueError as e:
-        raise SystemExit(f"convforever-peer: error: --data: {e}")
+        raise SystemExit(f"convforever-peer: error: --data: {e}") from None
     logger.info(f"training data: {len(files)} parquet file(s) from {config.data}")
 
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         peer = Peer(config)
     except (SwarmUnreachable, ValueError) as e:  # unreachable swarm, unusable data or device: say what to fix
-        raise SystemExit(f"convforever-peer: error: {e}")
+        raise SystemExit(f"convforever-peer: error: {e}") from None
     try:
         logger.info("other peers can also join through: " + " ".join(peer.visible_maddrs))
         peer.run(stop)

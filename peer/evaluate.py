@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                           train=False, num_workers=args.num_workers)
         result = evaluate(model, data, torch.device(args.device))
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"convforever-eval: error: {e}")
+        raise SystemExit(f"convforever-eval: error: {e}") from None
     result.update(checkpoint_step=config.get("step"), model=config["model"]["name"])
     print(json.dumps(result))
 

@@ -51,9 +51,6 @@ def format_progress(
     last_group_size: int, skipped: Counter,
 ) -> str:
     """The one line a volunteer watches: is it learning, how fast, with whom, at what network cost."""
-    rounds = traffic.grad_rounds
-    per_round = traffic.grad_bytes_sent / rounds if rounds else 0.0
-    ratio = traffic.ratio_vs_fp32
     skipped_text = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())) or "none"
     return " | ".join([
         f"step {step}",
@@ -62,6 +59,7 @@ def format_progress(
         f"peers {peers} (last group {last_group_size})",
         f"sent {human_bytes(traffic.grad_bytes_sent + traffic.state_bytes_sent)}"
         f" recv {human_bytes(traffic.grad_bytes_received + traffic.state_bytes_received)}",
-        f"{human_bytes(per_round)}/round, {ratio:.0f}x vs fp32" if rounds else "no averaging round yet",
+        f"{human_bytes(traffic.bytes_per_round_sent)}/round, {traffic.ratio_vs_fp32:.0f}x vs fp32"
+        if traffic.grad_rounds else "no averaging round yet",
         f"skipped {skipped_text}",
     ])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from convforever.compression import TrafficCounters, TrafficSnapshot, build_averaging_kwargs
 from convforever.coordinator.process import keep_signal_handlers
-from convforever.coordinator.protocol import METRICS_TTL, ModelInfo, PeerMetrics, RunRecords
+from convforever.coordinator.protocol import METRICS_TTL, MODEL_TTL, ModelInfo, PeerMetrics, RunRecords
 from convforever.data import CATEGORIES, DataConfig, make_loader
 from convforever.model import create_model, param_groups
 from convforever.model.checkpoint import save_checkpoint
@@ -141,6 +141,7 @@ class Peer:
         ))
         self.window = ProgressWindow()
         self.last_loss = math.nan
+        self.model_published = -math.inf
         self.model_info = ModelInfo(
             name=config.model.name, depth=config.model.depth, num_classes=config.model.num_classes,
             image_size=config.image_size, class_names=list(CATEGORIES[: config.model.num_classes]),
@@ -222,7 +223,9 @@ class Peer:
     def publish(self, loss: float, rate: float, final: bool = False, traffic: Optional[TrafficSnapshot] = None) -> None:
         """Tell the swarm (and the coordinator's status line and checkpoints) how we are doing."""
         traffic = traffic or self.counters.snapshot()
-        self.records.publish_model(self.model_info)
+        if time.monotonic() - self.model_published > MODEL_TTL / 2:  # static: refresh it before it expires
+            self.records.publish_model(self.model_info)
+            self.model_published = time.monotonic()
         self.records.publish_metrics(PeerMetrics(
             peer_id=str(self.dht.peer_id), step=self.opt.local_epoch, loss=float(loss), samples_per_second=float(rate),
             samples=self.window.samples, bytes_sent=traffic.grad_bytes_sent, bytes_received=traffic.grad_bytes_received,
