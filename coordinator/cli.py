@@ -33,6 +33,15 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
     p.add_argument("--identity", type=Path, help="private key file; created if missing, keeps the peer id across restarts")
     p.add_argument("--status-every", type=float, default=5.0, help="seconds between status lines")
     p.add_argument("--state-timeout", type=float, default=120.0, help="seconds allowed for one state download")
+    p.add_argument("--dataset", help="data to hand out as shard leases: a Hub dataset (Spawning/pd-extended), a local "
+                   "directory, file or glob of .parquet/.jsonl files, or an ImageFolder; stored in CHECKPOINT_DIR/leases.sqlite, "
+                   "so a restart resumes without it")
+    p.add_argument("--subset", help="only the files under this folder of --dataset (pd12m or megalith-cc0 for pd-extended)")
+    p.add_argument("--shard-rows", type=int, default=20_000, help="rows per shard (default 20000: minutes of a consumer GPU)")
+    p.add_argument("--lease-ttl", type=float, default=300.0, help="seconds a lease lives without a renewal (default 300)")
+    p.add_argument("--http-host", default="0.0.0.0", help="address of the HTTP API (default 0.0.0.0)")
+    p.add_argument("--http-port", type=int, default=8000, help="port of the HTTP API (default 8000; 0 picks a free one)")
+    p.add_argument("--public-url", help="URL peers reach the HTTP API at, if not this machine's addresses (proxy, NAT)")
     p.add_argument("-v", "--verbose", action="store_true", help="log hivemind's own messages too")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -41,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
             run_id=args.run_id, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, maddrs_file=args.maddrs_file,
             identity=args.identity, status_every=args.status_every, state_timeout=args.state_timeout,
+            dataset=args.dataset, subset=args.subset, shard_rows=args.shard_rows, lease_ttl=args.lease_ttl,
+            http_host=args.http_host, http_port=args.http_port, public_url=args.public_url,
         )
     except ValueError as e:
         p.error(str(e))
@@ -56,8 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     except P2PDaemonError as e:
         raise SystemExit(f"convforever-coordinator: error: could not start the DHT node on --host-maddrs "
                          f"{' '.join(config.host_maddrs)}: {e}. Is the port already in use?") from None
+    except (OSError, ValueError) as e:  # the HTTP port, or a --dataset that cannot be planned
+        raise SystemExit(f"convforever-coordinator: error: {e}") from None
     try:
         print("[coordinator] peers join with: --initial-peers " + " ".join(coordinator.maddrs), flush=True)
+        print("[coordinator] HTTP API at " + " ".join(coordinator.api_urls), flush=True)
         coordinator.run(stop)
     finally:
         coordinator.shutdown()

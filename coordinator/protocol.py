@@ -9,7 +9,9 @@ Keys (with ``run_id="demo"``):
 - ``demo_progress``   hivemind's own progress tracker (epoch = global step), read-only for us;
 - ``demo_metrics``    one `PeerMetrics` per peer, refreshed every few seconds;
 - ``demo_model``      the model each peer trains, so the coordinator can rebuild it for checkpoints;
-- ``demo_checkpoint`` the coordinator's latest saved checkpoint, so peers know their work is safe.
+- ``demo_checkpoint`` the coordinator's latest saved checkpoint, so peers know their work is safe;
+- ``demo_coordinator`` the URLs of the coordinator's HTTP API (data leases), so peers need only
+  ``--initial-peers``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from typing import Dict, Iterable, List, Optional
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
-from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.dht.schema import (
+    BytesWithPublicKey,
+    RSASignatureValidator,
+    SchemaValidator,
+)
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
@@ -34,6 +40,7 @@ NonNegFloat = pydantic.confloat(ge=0.0, strict=True)
 METRICS_TTL = 60.0  # seconds a metrics record stays in the DHT without a refresh
 MODEL_TTL = 600.0
 CHECKPOINT_TTL = 600.0
+COORDINATOR_TTL = 120.0
 
 
 class PeerMetrics(pydantic.BaseModel):
@@ -70,10 +77,19 @@ class CheckpointInfo(pydantic.BaseModel):
     time: pydantic.StrictFloat
 
 
+class CoordinatorInfo(pydantic.BaseModel):
+    """Where the coordinator's HTTP API answers: one URL per address it listens on; peers try each."""
+
+    urls: List[pydantic.StrictStr]
+    has_dataset: pydantic.StrictBool
+    time: pydantic.StrictFloat
+
+
 class RunSchema(pydantic.BaseModel):
     metrics: Dict[BytesWithPublicKey, Optional[PeerMetrics]]
     model: Dict[BytesWithPublicKey, Optional[ModelInfo]]
     checkpoint: Dict[BytesWithPublicKey, Optional[CheckpointInfo]]
+    coordinator: Dict[BytesWithPublicKey, Optional[CoordinatorInfo]]
 
 
 class RunRecords:
@@ -132,6 +148,14 @@ class RunRecords:
 
     def publish_checkpoint(self, info: CheckpointInfo) -> None:
         self._store("checkpoint", info, CHECKPOINT_TTL)
+
+    def publish_coordinator(self, info: CoordinatorInfo) -> None:
+        self._store("coordinator", info, COORDINATOR_TTL)
+
+    def coordinator(self) -> Optional[CoordinatorInfo]:
+        """The most recently announced coordinator API (any signer: access control is a later issue's)."""
+        found = self._fetch("coordinator", CoordinatorInfo)
+        return max(found, key=lambda c: c.time) if found else None
 
     def metrics(self) -> list[PeerMetrics]:
         return self._fetch("metrics", PeerMetrics)

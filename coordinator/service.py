@@ -1,8 +1,10 @@
-"""The coordinator: the swarm's bootstrap DHT node, its status line, and its checkpoints.
+"""The coordinator: the swarm's bootstrap DHT node, its data plan, its status line, and its checkpoints.
 
-It never trains. Each tick it reads the peers' progress and metrics from the DHT, prints one
-status line, and when a checkpoint is due it downloads the state from a peer, checks that the
-state is really at the step it is saving, and writes it with `convforever.model.checkpoint`.
+It never trains. An HTTP API (`http.py`, in its own thread) hands out data shards as leases from a
+SQLite ledger (`leases.py`). Each tick the main loop reads the peers' progress and metrics from the
+DHT, announces the API's URLs there, prints one status line, and when a checkpoint is due it downloads
+the state from a peer, checks that the state is really at the step it is saving, and writes it with
+`convforever.model.checkpoint`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,22 @@ from pathlib import Path
 from typing import Optional
 
 import hivemind
-from hivemind.utils import get_dht_time
-
 from convforever.model import ModelConfig, create_model
 from convforever.model.checkpoint import save_checkpoint
+from hivemind.utils import get_dht_time
 
-from .protocol import CheckpointInfo, ModelInfo, PeerMetrics, RunRecords, SwarmView, mean_loss, swarm_view
+from .http import HttpServer, LeaseApi
+from .leases import LeaseLedger
+from .protocol import (
+    CheckpointInfo,
+    CoordinatorInfo,
+    ModelInfo,
+    PeerMetrics,
+    RunRecords,
+    SwarmView,
+    mean_loss,
+    swarm_view,
+)
 from .state import StateFetcher
 
 logger = logging.getLogger(__name__)
@@ -40,12 +52,31 @@ class CoordinatorConfig:
     identity: Optional[Path] = None  # a fixed private key keeps the coordinator's multiaddr across restarts
     status_every: float = 5.0  # seconds between status lines
     state_timeout: float = 120.0
+    # The data plan: None serves no leases (peers bring --data). It is stored in checkpoint_dir/leases.sqlite,
+    # so a restart without --dataset resumes the stored plan.
+    dataset: Optional[str] = None
+    subset: Optional[str] = None  # e.g. pd12m or megalith-cc0 for Spawning/pd-extended
+    shard_rows: int = 20_000  # rows per shard: a few minutes of a consumer GPU's training
+    lease_ttl: float = 300.0  # seconds a lease lives without a renewal
+    http_host: str = "0.0.0.0"
+    http_port: int = 8000  # 0 picks a free port
+    public_url: Optional[str] = None  # announce this URL instead of one per listening address
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.checkpoint_dir / "leases.sqlite"
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be >= 1 global step, got {self.checkpoint_every}")
         if not self.run_id or "." in self.run_id or " " in self.run_id:
             raise ValueError(f"--run-id must be a non-empty name without dots or spaces, got {self.run_id!r}")
+        if self.shard_rows < 1:
+            raise ValueError(f"--shard-rows must be >= 1, got {self.shard_rows}")
+        if self.lease_ttl < 5:
+            raise ValueError(f"--lease-ttl must be >= 5 seconds, got {self.lease_ttl}")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"--http-port must be a TCP port (0 picks a free one), got {self.http_port}")
 
 
 def checkpoint_due(global_step: int, last_saved: int, every: int) -> bool:
@@ -53,7 +84,36 @@ def checkpoint_due(global_step: int, last_saved: int, every: int) -> bool:
     return global_step > 0 and global_step // every > last_saved // every
 
 
-def format_status(view: SwarmView, metrics: list[PeerMetrics], last_checkpoint: Optional[int]) -> str:
+def open_ledger(config: CoordinatorConfig) -> Optional[LeaseLedger]:
+    """The stored plan if there is one (a restart), else a new plan of --dataset, else None."""
+    from convforever.data.shards import plan_dataset
+
+    if LeaseLedger.exists(config.ledger_path):
+        ledger = LeaseLedger(config.ledger_path, ttl=config.lease_ttl)
+        if config.dataset and ledger.spec != config.dataset:
+            raise ValueError(f"{config.ledger_path} holds the plan of dataset {ledger.spec!r}, not {config.dataset!r}: "
+                             "use a new --checkpoint-dir for a new dataset, or pass the same --dataset to resume")
+        return ledger
+    if not config.dataset:
+        return None
+    logger.info(f"planning shards of {config.dataset} ({config.shard_rows} rows each)")
+    plan = plan_dataset(config.dataset, config.shard_rows, subset=config.subset)
+    return LeaseLedger(config.ledger_path, plan, ttl=config.lease_ttl)
+
+
+def api_urls(config: CoordinatorConfig, port: int, maddrs: list[str]) -> list[str]:
+    """The URLs peers may reach the API at: --public-url, or the listening host, or every IPv4 the DHT sees."""
+    if config.public_url:
+        return [config.public_url.rstrip("/")]
+    if config.http_host not in ("0.0.0.0", "::", ""):
+        return [f"http://{config.http_host}:{port}"]
+    hosts = [m.split("/")[2] for m in maddrs if m.startswith("/ip4/")]
+    hosts = [h for h in hosts if h != "0.0.0.0"] or ["127.0.0.1"]
+    return [f"http://{h}:{port}" for h in dict.fromkeys(hosts)]
+
+
+def format_status(view: SwarmView, metrics: list[PeerMetrics], last_checkpoint: Optional[int],
+                  data: Optional[dict] = None) -> str:
     loss = mean_loss(metrics)
     sent = sum(m.bytes_sent for m in metrics)
     rounds = sum(m.averaging_rounds for m in metrics)
@@ -67,6 +127,11 @@ def format_status(view: SwarmView, metrics: list[PeerMetrics], last_checkpoint: 
         f"{view.samples_per_second:.1f} samples/s",
         f"sent {per_round / 1e6:.2f} MB/round/peer" + (f" ({min(ratios):.0f}x vs fp32)" if ratios else ""),
         f"skipped {skipped}",
+    ]
+    if data is not None:
+        parts.append(f"data pass {data['passes_completed']} {data['shards_done_this_pass']}/{data['shards']} shards "
+                     f"({data['active_leases']} leased)")
+    parts += [
         f"checkpoint step-{last_checkpoint}" if last_checkpoint is not None else "no checkpoint yet",
     ]
     return "[coordinator] " + " | ".join(parts)
@@ -77,17 +142,26 @@ class Coordinator:
         self.config = config
         if config.identity:
             config.identity.parent.mkdir(parents=True, exist_ok=True)
-        self.dht = hivemind.DHT(
-            start=True,
-            host_maddrs=config.host_maddrs,
-            announce_maddrs=config.announce_maddrs or None,
-            identity_path=str(config.identity) if config.identity else None,
-        )
+        # The plan and the API first: a dataset that cannot be planned or a busy port fails before the DHT starts.
+        self.ledger = open_ledger(config)
+        self.http = HttpServer(LeaseApi(self.ledger).routes(), config.http_host, config.http_port)
+        port = self.http.start()
+        try:
+            self.dht = hivemind.DHT(
+                start=True,
+                host_maddrs=config.host_maddrs,
+                announce_maddrs=config.announce_maddrs or None,
+                identity_path=str(config.identity) if config.identity else None,
+            )
+        except BaseException:
+            self.http.stop()
+            raise
         self.records = RunRecords(self.dht, config.run_id)
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         if config.maddrs_file:
             config.maddrs_file.parent.mkdir(parents=True, exist_ok=True)
             config.maddrs_file.write_text("".join(m + "\n" for m in self.maddrs))
+        self.api_urls = api_urls(config, port, self.maddrs)
         self.global_step = 0
         self.model_info: Optional[ModelInfo] = None
         self.fetcher: Optional[StateFetcher] = None
@@ -136,7 +210,10 @@ class Coordinator:
             self.checkpoint(max([view.global_step, *leaving]), metrics)
         # Re-announced every tick: peers at --max-steps wait for it, and it tells them a coordinator is there.
         self.records.publish_checkpoint(CheckpointInfo(step=self.last_saved, path=self.last_path, time=get_dht_time()))
-        return format_status(view, metrics, self.last_saved or None)
+        self.records.publish_coordinator(CoordinatorInfo(urls=self.api_urls, has_dataset=self.ledger is not None,
+                                                         time=get_dht_time()))
+        data = self.ledger.summary() if self.ledger is not None else None
+        return format_status(view, metrics, self.last_saved or None, data)
 
     def checkpoint(self, min_step: int, metrics: list[PeerMetrics]) -> Optional[Path]:
         assert self.fetcher is not None and self.model_info is not None
@@ -164,6 +241,9 @@ class Coordinator:
             stop.wait(self.config.status_every)
 
     def shutdown(self) -> None:
+        self.http.stop()
+        if self.ledger is not None:
+            self.ledger.close()
         self.records.flush()
         if self.fetcher is not None:
             self.fetcher.shutdown()

@@ -1,10 +1,12 @@
-"""Parquet rows -> labelled, augmented batches, through a torch DataLoader.
+"""Shards -> labelled, augmented batches, through a torch DataLoader.
 
-Workers build whole batches themselves (DataLoader ``batch_size=None``): each worker owns a disjoint,
-fixed share of the (file, row group) units, labels rows from their captions, decodes and transforms them,
-and attaches to every batch the rows it skipped since its previous batch. The main process sums those
-counts, normalises, and tracks passes. Holding back one batch in the main process lets skips that a
-worker reports after its last real batch still reach the caller.
+Where shards come from is a `ShardSource`: the peer's own plan of local files (`LocalShards`), or the
+coordinator's leases (``convforever.peer.leases``), which hand each shard to one peer per pass. Each
+DataLoader worker is a consumer of its own: it takes a shard, streams its rows, labels them (label column,
+``--labels`` dataset, or the caption classifier), downloads URL rows, decodes and transforms them through
+a shuffle buffer, and builds whole batches itself (DataLoader ``batch_size=None``). Every batch carries
+the rows skipped since the previous one, by reason. When a shard's last row is resolved the worker tells
+the source how many rows it used and skipped, so the coordinator's ledger can close it.
 """
 
 from __future__ import annotations
@@ -13,31 +15,43 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Protocol, TypedDict
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .images import UnusableImage, decode_image, decode_min_side, eval_transform, normalize, train_transform
-from .labels import classify_caption, label_from_value
-from .parquet import Unit, iter_rows, list_units, resolve_files
+from .fetch import FetchConfig, fetch_images
+from .images import (
+    UnusableImage,
+    decode_image,
+    decode_min_side,
+    eval_transform,
+    normalize,
+    train_transform,
+)
+from .labels import NUM_CLASSES, classify_caption, label_from_value
+from .shards import DatasetPlan, Row, Shard, ShardUnreadable, iter_shard, local_plan
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class DataConfig:
-    """Where the shards are and how to turn them into batches.
+    """Where the data is and how to turn it into batches.
 
+    ``files``: local data for `LocalShards` (a parquet/jsonl file, a directory, a glob, an ImageFolder,
+    or a list of files); ignored when the caller passes its own ShardSource.
     ``min_crop_scale``: the smallest crop area fraction of the random resized crop. ImageNet recipes use
     0.08 at 224 px; at 32-64 px such crops are a few source pixels wide, so the default is a milder 0.35.
     ``max_image_pixels``: images whose header claims more pixels are skipped as "too_large" before
     decoding; raise it only if workers have memory for ``3 * max_image_pixels`` bytes each.
+    ``labels``: a labels dataset (``id`` -> ``label``, e.g. from ``convforever-label``) that overrides the
+    caption classifier for the ids it lists.
     """
 
-    files: str | list[str]
+    files: str | list[str] = ""
     image_size: int = 64
     batch_size: int = 16
     train: bool = True
@@ -46,6 +60,10 @@ class DataConfig:
     shuffle_buffer: int = 256
     min_crop_scale: float = 0.35
     max_image_pixels: int = 64_000_000
+    num_classes: int = NUM_CLASSES  # integer label cells must be below this (ImageNet-style data: 1000)
+    shard_rows: int = 20_000  # local plans only: rows per shard
+    labels: str | None = None
+    fetch: FetchConfig = field(default_factory=FetchConfig)
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -63,13 +81,87 @@ class DataConfig:
 
 
 @dataclass
+class Lease:
+    """A shard to read: from the coordinator (``lease_id`` set) or from the peer's own plan."""
+
+    shard: Shard
+    root: str
+    lease_id: str = ""
+    start_row: int = 0  # resume point: rows a previous holder already trained on
+    data_pass: int = 0  # which pass over the dataset this reading belongs to
+
+
+class ShardSource(Protocol):
+    """Hands shards to DataLoader workers. It is pickled into each worker process, so it must hold no
+    live connections before `acquire` is first called there."""
+
+    def acquire(self, worker: int, num_workers: int) -> Lease | None:
+        """The next shard for this worker (may block while retrying); None: there is no more data."""
+
+    def renew(self, lease: Lease, rows_done: int) -> bool:
+        """Keep the lease alive, reporting progress; False: the lease is lost, stop reading it."""
+
+    def complete(self, lease: Lease, used: int, skipped: dict[str, int]) -> None:
+        """The shard is read: ``used`` rows became samples, the others were skipped by reason."""
+
+    def release(self, lease: Lease, rows_done: int) -> None:
+        """The reader stops before the shard's end (the peer is leaving): hand the shard back."""
+
+    def max_empty_shards(self, worker: int, num_workers: int) -> int:
+        """Consecutive shards without one usable row after which this worker gives up."""
+
+
+class LocalShards:
+    """The peer's own plan: each worker cycles through a fixed share of the shards.
+
+    Training: the share is drawn once from a seed-dependent order (so peers with different seeds split
+    files differently), reshuffled every pass, endlessly. Evaluation: shards in plan order, one pass.
+    """
+
+    def __init__(self, plan: DatasetPlan, train: bool, seed: int) -> None:
+        self.plan, self.train, self.seed = plan, train, seed
+        self._cursor: dict[int, int] = {}
+
+    def _share(self, worker: int, num_workers: int) -> list[Shard]:
+        shards = list(self.plan.shards)
+        if self.train:
+            random.Random(f"shards:{self.seed}").shuffle(shards)
+        return shards[worker::num_workers]
+
+    def acquire(self, worker: int, num_workers: int) -> Lease | None:
+        share = self._share(worker, num_workers)
+        position = self._cursor.get(worker, 0)
+        if not share or (not self.train and position >= len(share)):
+            return None
+        self._cursor[worker] = position + 1
+        data_pass, index = divmod(position, len(share))
+        if self.train:
+            order = list(range(len(share)))
+            random.Random(f"pass:{self.seed}:{worker}:{data_pass}").shuffle(order)
+            index = order[index]
+        return Lease(share[index], self.plan.root, data_pass=data_pass)
+
+    def renew(self, lease: Lease, rows_done: int) -> bool:
+        return True
+
+    def complete(self, lease: Lease, used: int, skipped: dict[str, int]) -> None:
+        pass
+
+    def release(self, lease: Lease, rows_done: int) -> None:
+        pass
+
+    def max_empty_shards(self, worker: int, num_workers: int) -> int:
+        return max(len(self._share(worker, num_workers)), 1)
+
+
+@dataclass
 class Batch:
     """Normalised images, labels, and what was dropped on the way (summed by the caller)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     skipped: dict[str, int] = field(default_factory=dict)
-    passes: int = 0
+    passes: int = 0  # complete passes over the data so far
 
 
 class _WorkerBatch(TypedDict):
@@ -78,68 +170,73 @@ class _WorkerBatch(TypedDict):
     skipped: dict[str, int]
     worker: int
     passes: int
-    exhausted: bool  # this worker's share has no usable row: it stopped
+    exhausted: bool  # this worker found no usable row in a full round of shards: it stopped
 
 
-class _RowStream(IterableDataset):
-    """Yields _WorkerBatch dicts from this worker's share of the units."""
+class _Tally:
+    """One lease's accounting while its rows travel through the fetch stage and the shuffle buffer."""
 
-    def __init__(self, units: list[Unit], config: DataConfig) -> None:
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.used = 0
+        self.skipped: Counter[str] = Counter()
+        self.pending = 0  # rows read but not yet resolved into a sample or a skip
+        self.read_done = False
+        self.lost = False  # the coordinator gave the shard to someone else: do not report it done
+
+
+# A labelled row on its way to decoding: (tally, id, label, image bytes).
+_Pending = tuple[_Tally, str | None, int, bytes | None]
+
+
+class _Stream(IterableDataset):
+    def __init__(self, source: ShardSource, config: DataConfig) -> None:
         super().__init__()
-        self.units = units
+        self.source = source
         self.config = config
 
     def __iter__(self) -> Iterator[_WorkerBatch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        cfg = self.config
-        if cfg.train:
-            # A fixed share per worker for the whole run (so "this share has nothing usable" is final),
-            # drawn from a seed-dependent order so peers with different seeds split files differently.
-            order = list(self.units)
-            random.Random(f"units:{cfg.seed}").shuffle(order)
-            share = order[worker::num_workers]
-        else:
-            share = self.units[worker::num_workers]
-        if share:
-            yield from _WorkerState(share, cfg, worker).batches()
+        yield from _Worker(self.source, self.config, worker, num_workers).batches()
 
 
-class _WorkerState:
-    """One worker's reading loop: passes over its share, shuffle buffer, batching, skip counters."""
+class _Worker:
+    """One worker's loop: leases in, batches out; every row ends as a sample or a counted skip."""
 
-    def __init__(self, share: list[Unit], config: DataConfig, worker: int) -> None:
-        self.share = share
-        self.config = config
-        self.worker = worker
+    RENEW_EVERY_ROWS = 256
+
+    def __init__(self, source: ShardSource, config: DataConfig, worker: int, num_workers: int) -> None:
+        self.source, self.config, self.worker, self.num_workers = source, config, worker, num_workers
         # String seeds hash deterministically (unlike hash() of a tuple across processes).
         self.rng = random.Random(f"stream:{config.seed}:{worker}")
-        self.skipped: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()  # since the last batch
         self.passes = 0
         self.min_side = decode_min_side(config.image_size, config.train, config.min_crop_scale)
+        self.label_map = _load_label_map(config.labels)
+        self.open: list[_Tally] = []
 
     def batches(self) -> Iterator[_WorkerBatch]:
         cfg = self.config
         images: list[torch.Tensor] = []
         labels: list[int] = []
-        while True:
-            produced = 0
-            for image, label in self._pass_samples():
-                produced += 1
-                images.append(image)
-                labels.append(label)
-                if len(images) == cfg.batch_size:
-                    yield self._batch(images, labels, exhausted=False)
-                    images, labels = [], []
-            self.passes += 1
-            exhausted = produced == 0
-            if not cfg.train or exhausted:
-                if exhausted:
-                    logger.warning("worker %d: no usable row in its %d row groups (skipped %s); it stops",
-                                   self.worker, len(self.share), dict(self.skipped))
-                if images or self.skipped or exhausted:
-                    yield self._batch(images, labels, exhausted=exhausted)
-                return
+        empty_run, limit = 0, self.source.max_empty_shards(self.worker, self.num_workers)
+        for item in self._samples():
+            if isinstance(item, _Tally):  # a shard was closed
+                empty_run = 0 if item.used else empty_run + 1
+                if empty_run >= limit:
+                    logger.warning("worker %d: no usable row in %d shards in a row (skipped %s); it stops",
+                                   self.worker, empty_run, dict(self.skipped))
+                    yield self._batch(images, labels, exhausted=True)
+                    return
+                continue
+            images.append(item[0])
+            labels.append(item[1])
+            if len(images) == cfg.batch_size:
+                yield self._batch(images, labels, exhausted=False)
+                images, labels = [], []
+        if images or self.skipped:
+            yield self._batch(images, labels, exhausted=False)
 
     def _batch(self, images: list[torch.Tensor], labels: list[int], *, exhausted: bool) -> _WorkerBatch:
         size = self.config.image_size
@@ -148,69 +245,167 @@ class _WorkerState:
         return _WorkerBatch(images=stacked, labels=torch.tensor(labels, dtype=torch.int64), skipped=skipped,
                             worker=self.worker, passes=self.passes, exhausted=exhausted)
 
-    def _pass_samples(self) -> Iterator[tuple[torch.Tensor, int]]:
-        """One pass over the share: train = shuffled units through a shuffle buffer; eval = in order."""
-        cfg = self.config
-        units = list(self.share)
-        if not cfg.train:
-            for row_id, label, data in self._labelled_rows(units):
-                sample = self._sample(row_id, label, data)
-                if sample is not None:
-                    yield sample
-            return
-        self.rng.shuffle(units)
-        buffer: list[tuple[str | None, int, bytes | None]] = []
-        for row in self._labelled_rows(units):
-            buffer.append(row)
-            if len(buffer) >= max(cfg.shuffle_buffer, 1):
-                sample = self._sample(*self._pop_random(buffer))
-                if sample is not None:
-                    yield sample
-        # Drain at the pass boundary so each pass is a complete permutation of the share (and a share
-        # smaller than the buffer still yields).
+    def _samples(self) -> Iterator[tuple[torch.Tensor, int] | _Tally]:
+        """(image, label) samples, and each shard's tally once it is closed.
+
+        Rows go through a shuffle buffer when training (drained whenever a new pass begins, so each pass is
+        a complete permutation of what was read); in evaluation they come out in shard order.
+        """
+        buffer: list[_Pending] = []
+        train = self.config.train
+        capacity = max(self.config.shuffle_buffer, 1) if train else 1
+        for item in self._resolved_rows():
+            if isinstance(item, _Tally):  # a shard's reading has finished
+                yield from self._close_finished()
+                continue
+            if item[0].lease.data_pass != self.passes:  # a new pass: finish the previous one first
+                while buffer:
+                    yield from self._decode(self._pop_random(buffer))
+                self.passes = item[0].lease.data_pass
+            buffer.append(item)
+            if len(buffer) >= capacity:
+                yield from self._decode(self._pop_random(buffer) if train else buffer.pop(0))
         while buffer:
-            sample = self._sample(*self._pop_random(buffer))
-            if sample is not None:
-                yield sample
+            yield from self._decode(self._pop_random(buffer) if train else buffer.pop(0))
+        yield from self._close_finished()
+        self.passes += 1
 
-    def _pop_random(self, buffer: list) -> tuple:
-        i = self.rng.randrange(len(buffer))
-        buffer[i], buffer[-1] = buffer[-1], buffer[i]
-        return buffer.pop()
-
-    def _labelled_rows(self, units: list[Unit]) -> Iterator[tuple[str | None, int, bytes | None]]:
-        """(id, label, image bytes) of rows with a usable label; others are counted and dropped here,
-        before they take shuffle-buffer space or decode time."""
-        for unit in units:
-            for row_id, caption, label_cell, data in iter_rows(unit):
-                if not _is_missing(label_cell):
-                    label = label_from_value(label_cell)
-                    if label is None:
-                        self._skip("bad_label", row_id, f"label {label_cell!r}")
-                        continue
-                else:
-                    label = classify_caption(caption)
-                    if label is None:
-                        self._skip("no_label", row_id, f"caption {caption!r}")
-                        continue
-                yield row_id, label, data
-
-    def _sample(self, row_id: str | None, label: int, data: bytes | None) -> tuple[torch.Tensor, int] | None:
+    def _decode(self, item: _Pending) -> Iterator[tuple[torch.Tensor, int] | _Tally]:
+        tally, row_id, label, data = item
+        tally.pending -= 1
         cfg = self.config
         try:
             image = decode_image(data, max_pixels=cfg.max_image_pixels, min_side=self.min_side)
         except UnusableImage as error:
-            self._skip(error.reason, row_id, str(error))
-            return None
-        if cfg.train:
-            tensor = train_transform(image, cfg.image_size, self.rng, scale=(cfg.min_crop_scale, 1.0))
+            self._skip(tally, error.reason, row_id, str(error))
         else:
-            tensor = eval_transform(image, cfg.image_size)
-        return tensor, label
+            if cfg.train:
+                tensor = train_transform(image, cfg.image_size, self.rng, scale=(cfg.min_crop_scale, 1.0))
+            else:
+                tensor = eval_transform(image, cfg.image_size)
+            tally.used += 1
+            yield tensor, label
+        yield from self._close_finished()
 
-    def _skip(self, reason: str, row_id: str | None, detail: str) -> None:
+    def _close_finished(self) -> Iterator[_Tally]:
+        """Report (and yield) every shard whose rows are all resolved into samples or skips."""
+        still_open = []
+        for tally in self.open:
+            if tally.read_done and tally.pending == 0:
+                if not tally.lost:
+                    self.source.complete(tally.lease, tally.used, dict(tally.skipped))
+                yield tally
+            else:
+                still_open.append(tally)
+        self.open = still_open
+
+    def _resolved_rows(self) -> Iterator[_Pending | _Tally]:
+        """Labelled rows with their image bytes (URL rows downloaded in concurrent chunks), interleaved
+        with a finished shard's tally once its last row has been handed on."""
+        for tally, rows in self._leased_rows():
+            if rows is None:
+                tally.read_done = True
+                yield tally
+                continue
+            with_bytes = [r for r in rows if r[3] is not None or r[4] is None]
+            with_urls = [r for r in rows if r[3] is None and r[4] is not None]
+            for row_id, label, _, data, _ in with_bytes:
+                yield tally, row_id, label, data
+            if with_urls:
+                by_key = {i: r for i, r in enumerate(with_urls)}
+                for key, body, reason in fetch_images(((i, r[4]) for i, r in by_key.items()), self.config.fetch):
+                    row_id, label = by_key[key][0], by_key[key][1]
+                    if body is None:
+                        tally.pending -= 1
+                        self._skip(tally, reason or "url_error", row_id, by_key[key][4])
+                    else:
+                        yield tally, row_id, label, body
+
+    def _leased_rows(self) -> Iterator[tuple[_Tally, list | None]]:
+        """(tally, chunk of labelled rows) per chunk of a shard, then (tally, None) at its end."""
+        chunk_size = 64
+        while True:
+            lease = self.source.acquire(self.worker, self.num_workers)
+            if lease is None:
+                return
+            tally = _Tally(lease)
+            self.open.append(tally)
+            rows_done = lease.start_row
+            chunk: list = []
+            finished = False
+            try:
+                for row in iter_shard(lease.root, lease.shard, lease.start_row):
+                    rows_done += 1
+                    labelled = self._label(tally, row)
+                    if labelled is not None:
+                        tally.pending += 1
+                        chunk.append(labelled)
+                    if len(chunk) >= chunk_size:
+                        yield tally, chunk
+                        chunk = []
+                    if rows_done % self.RENEW_EVERY_ROWS == 0 and not self.source.renew(lease, rows_done):
+                        logger.info("worker %d: lease on %s was lost; moving on", self.worker, lease.shard.key)
+                        tally.lost = finished = True
+                        break
+                finished = True
+            except ShardUnreadable as error:
+                unread = max(lease.shard.num_rows - rows_done, 1)
+                logger.warning("worker %d: skipping the rest of %s (%d rows): %s", self.worker, lease.shard.key,
+                               unread, error)
+                tally.skipped[error.reason] += unread
+                self.skipped[error.reason] += unread
+                finished = True
+            finally:
+                if not finished:  # closed early: the peer is leaving mid-shard
+                    self.source.release(lease, rows_done)
+            if chunk:
+                yield tally, chunk
+            yield tally, None
+
+    def _label(self, tally: _Tally, row: Row) -> tuple | None:
+        """(id, label, None, image bytes, url) for a row with a usable label; others are counted and dropped
+        here, before they take download, shuffle-buffer or decode time."""
+        if row.id is not None and row.id in self.label_map:
+            label: int | None = self.label_map[row.id]
+        elif not _is_missing(row.label):
+            label = _label_cell(row.label, self.config.num_classes)
+            if label is None:
+                self._skip(tally, "bad_label", row.id, f"label {row.label!r}")
+                return None
+        else:
+            label = classify_caption(row.caption)
+            if label is None:
+                self._skip(tally, "no_label", row.id, f"caption {row.caption!r}")
+                return None
+        if row.image is None and row.url is None:
+            self._skip(tally, "no_image", row.id, "no image bytes and no URL")
+            return None
+        return row.id, label, None, row.image, row.url
+
+    def _pop_random(self, buffer: list) -> _Pending:
+        i = self.rng.randrange(len(buffer))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        return buffer.pop()
+
+    def _skip(self, tally: _Tally, reason: str, row_id: str | None, detail: object) -> None:
+        tally.skipped[reason] += 1
         self.skipped[reason] += 1
-        logger.debug("skipping row %s (%s)", row_id, detail)
+        logger.debug("skipping row %s (%s: %s)", row_id, reason, detail)
+
+
+def _label_cell(cell: object, num_classes: int) -> int | None:
+    """Integer cells up to ``num_classes`` (ImageNet-style data has more classes than the 50 categories)."""
+    if isinstance(cell, int) and not isinstance(cell, bool):
+        return cell if 0 <= cell < num_classes else None
+    return label_from_value(cell)
+
+
+def _load_label_map(labels: str | None) -> dict[str, int]:
+    if not labels:
+        return {}
+    from .llm_labels import load_labels
+
+    return load_labels(labels)
 
 
 def _is_missing(cell: object) -> bool:
@@ -218,26 +413,28 @@ def _is_missing(cell: object) -> bool:
     return cell is None or (isinstance(cell, float) and math.isnan(cell))
 
 
-def make_loader(config: DataConfig) -> Iterator[Batch]:
-    """Batches from ``config.files``: endless shuffled passes when training, one ordered pass otherwise.
+def make_loader(config: DataConfig, source: ShardSource | None = None) -> Iterator[Batch]:
+    """Batches from ``source`` (default: a `LocalShards` plan of ``config.files``): endless shuffled passes
+    when training, one ordered pass otherwise.
 
-    Files are resolved and their schemas checked here, so a wrong path or schema fails on this call
-    rather than inside a worker.
+    A local plan is built here, so a wrong path or schema fails on this call rather than inside a worker.
     """
-    files = resolve_files(config.files)
-    units = list_units(files)
-    if not units:
-        raise ValueError(f"the {len(files)} parquet files for {config.files!r} contain no rows")
-    logger.info("data: %d files, %d row groups, %d rows (%s, %d workers)", len(files), len(units),
-                sum(u.num_rows for u in units), "train" if config.train else "eval", config.num_workers)
-    loader = DataLoader(_RowStream(units, config), batch_size=None, num_workers=config.num_workers,
+    if source is None:
+        plan = local_plan(config.files, config.shard_rows)
+        logger.info("data: %d shards, %d rows from %s (%s, %d workers)", len(plan.shards), plan.num_rows,
+                    config.files, "train" if config.train else "eval", config.num_workers)
+        source = LocalShards(plan, config.train, config.seed)
+        active_workers = min(max(config.num_workers, 1), len(plan.shards))
+    else:
+        active_workers = max(config.num_workers, 1)
+    loader = DataLoader(_Stream(source, config), batch_size=None, num_workers=config.num_workers,
                         persistent_workers=False)
-    active_workers = min(max(config.num_workers, 1), len(units))
     return _assemble(loader, config, active_workers)
 
 
-def _assemble(loader: DataLoader, config: DataConfig, active_workers: int) -> Iterator[Batch]:
-    # passes are complete when every worker still reading has finished its share of them.
+def _assemble(loader: Iterable[_WorkerBatch], config: DataConfig, active_workers: int) -> Iterator[Batch]:
+    # Passes are complete when every worker still reading has finished its share of them. Holding back one
+    # batch lets skips that a worker reports after its last real batch still reach the caller.
     worker_passes = {w: 0 for w in range(active_workers)}
     skipped: Counter[str] = Counter()
     pending: Batch | None = None
@@ -258,7 +455,8 @@ def _assemble(loader: DataLoader, config: DataConfig, active_workers: int) -> It
         pending.skipped = dict(Counter(pending.skipped) + skipped)
         yield pending
     elif config.train:
-        raise RuntimeError(f"no usable rows in {config.files!r}: every row was skipped ({dict(skipped)}); "
-                           "check that captions name a category or add a 'label' column")
+        raise RuntimeError(f"no usable rows in {config.files or 'the leased shards'!r}: every row was skipped "
+                           f"({dict(skipped)}); check that captions name a category or add a 'label' column")
     else:
         logger.warning("eval data %r has no usable rows (skipped %s)", config.files, dict(skipped))
+

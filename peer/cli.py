@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = PeerConfig(run_id="x", data="x")  # defaults, shown in --help
+    d = PeerConfig(run_id="x")  # defaults, shown in --help
     p = argparse.ArgumentParser(
         prog="convforever-peer",
         description="Train ConvNeXt together with a ConvForever swarm (hivemind + PowerSGD + 8-bit gradients).",
@@ -26,7 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
                    help="multiaddrs printed by the coordinator (or any peer); none starts a new swarm")
     p.add_argument("--run-id", required=True, help="the run's name, the same on every peer and the coordinator")
-    p.add_argument("--data", required=True, help="parquet file, directory or glob in the PD-Extended schema")
+    p.add_argument("--data", help="train on these local files instead of the coordinator's shards: .parquet/.jsonl "
+                   "file, directory or glob, or an ImageFolder (default: lease shards from the coordinator)")
+    p.add_argument("--coordinator", metavar="URL",
+                   help="the coordinator's HTTP API (default: the URL it announces in the swarm)")
+    p.add_argument("--data-root", help="read leased shards from this local copy of the coordinator's dataset")
+    p.add_argument("--labels", metavar="PATH_OR_REPO",
+                   help="labels dataset (id, label) from convforever-label; overrides the caption classifier")
     p.add_argument("--model", default=ModelConfig().name, help="one of: " + ", ".join(MODEL_NAMES) + " (or atto..base)")
     p.add_argument("--depth", type=int, help="total blocks, spread over the 4 stages (>= 4); default: the preset's")
     p.add_argument("--num-classes", type=int, default=ModelConfig().num_classes)
@@ -78,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             averaging_timeout=args.averaging_timeout, average_state_every=args.average_state_every,
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, client_mode=args.client_mode,
             num_workers=args.num_workers, threads=args.threads, seed=args.seed, report_every=args.report_every,
-            save_on_exit=args.save_on_exit, exit_grace=args.exit_grace,
+            save_on_exit=args.save_on_exit, exit_grace=args.exit_grace, coordinator_url=args.coordinator,
+            data_root=args.data_root, labels=args.labels,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -86,13 +93,15 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
 
 def check_data(config: PeerConfig) -> None:
     """Fail on a wrong --data before joining the swarm, not after."""
-    from convforever.data import resolve_files
+    from convforever.data.shards import local_plan
 
+    if config.data is None:
+        return
     try:
-        files = resolve_files(config.data)
+        plan = local_plan(config.data)
     except ValueError as e:
         raise SystemExit(f"convforever-peer: error: --data: {e}") from None
-    logger.info(f"training data: {len(files)} parquet file(s) from {config.data}")
+    logger.info(f"training data: {len(plan.shards)} shard(s), {plan.num_rows} rows from {config.data}")
 
 
 def main(argv: list[str] | None = None) -> None:

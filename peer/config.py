@@ -14,7 +14,7 @@ from convforever.model import ModelConfig
 @dataclass
 class PeerConfig:
     run_id: str
-    data: str  # parquet file, directory or glob
+    data: Optional[str] = None  # local files to train on; None: shards leased from the coordinator
     initial_peers: list[str] = field(default_factory=list)  # empty: start a new swarm alone
     model: ModelConfig = field(default_factory=ModelConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
@@ -44,6 +44,9 @@ class PeerConfig:
     seed: Optional[int] = None  # data order; None = random per peer
     report_every: float = 5.0  # seconds between progress lines
     save_on_exit: Optional[Path] = None  # also write this peer's final weights here when it leaves
+    coordinator_url: Optional[str] = None  # the coordinator's HTTP API; None: the URL it announces in the DHT
+    data_root: Optional[str] = None  # read leased shards from this copy of the dataset instead of the plan's root
+    labels: Optional[str] = None  # labels dataset (id -> label) overriding the caption classifier
     exit_grace: float = 60.0  # seconds to wait, at --max-steps, for the coordinator to checkpoint our final step
 
     def __post_init__(self) -> None:

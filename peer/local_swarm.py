@@ -38,6 +38,7 @@ class SwarmConfig:
     compression: str = "powersgd-8bit"
     train_rows: int = 3000
     eval_rows: int = 500
+    shard_rows: int = 250  # 12 shards of the demo's 3000 rows: peers visibly lease, finish and re-lease them
 
 
 def _pump(name: str, stream: IO[str], sink: IO[str]) -> None:
@@ -98,13 +99,16 @@ def run(config: SwarmConfig) -> dict:
     coordinator = Process("coordinator", cli("convforever.coordinator.cli") + [
         "--run-id", config.run_id, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", str(config.checkpoint_every),
         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(maddrs_file), "--identity", str(work / "coordinator.key"),
+        # The coordinator owns the data plan and leases shards to the peers, which therefore get no --data.
+        "--dataset", str(data / "train"), "--shard-rows", str(config.shard_rows),
+        "--http-host", "127.0.0.1", "--http-port", "0",
     ])
     peers: list[Process] = []
     try:
         initial_peers = wait_for_file(maddrs_file, coordinator, timeout=60).split()
         for i in range(config.peers):
             peers.append(Process(f"peer-{i + 1}", cli("convforever.peer.cli") + [
-                "--initial-peers", *initial_peers, "--run-id", config.run_id, "--data", str(data / "train"),
+                "--initial-peers", *initial_peers, "--run-id", config.run_id,
                 "--model", config.model, "--image-size", str(config.image_size), "--batch-size", str(config.batch_size),
                 "--target-batch-size", str(config.target_batch_size), "--max-steps", str(config.max_steps),
                 "--lr", str(config.lr), "--compression", config.compression, "--warmup-steps", "3",

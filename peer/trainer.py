@@ -32,6 +32,7 @@ from convforever.model import create_model, param_groups
 from convforever.model.checkpoint import save_checkpoint
 
 from .config import PeerConfig
+from .leases import CoordinatorShards, reachable_url
 from .report import ProgressWindow, format_progress
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,17 @@ class Peer:
                 "(its --maddrs-file), including the /p2p/... part."
             ) from None
         self.records = RunRecords(self.dht, config.run_id)
+        try:  # the data first: a wrong --data or an unreachable coordinator fails before the optimizer starts
+            data_seed = config.seed if config.seed is not None else int.from_bytes(self.dht.peer_id.to_bytes()[-4:], "big")
+            self.source = None if config.data is not None else self._lease_source()
+            self.loader = make_loader(DataConfig(
+                files=config.data or "", image_size=config.image_size, batch_size=config.batch_size,
+                train=True, num_workers=config.num_workers, seed=data_seed, num_classes=config.model.num_classes,
+                labels=config.labels,
+            ), self.source)
+        except BaseException:
+            self.dht.shutdown()
+            raise
         torch.manual_seed(initial_seed(config.run_id))
         self.model = create_model(config.model).to(self.device)
         self.counters = TrafficCounters()
@@ -134,11 +146,6 @@ class Peer:
                 verbose=False,
                 **averaging,
             )
-        data_seed = config.seed if config.seed is not None else int.from_bytes(self.dht.peer_id.to_bytes()[-4:], "big")
-        self.loader = make_loader(DataConfig(
-            files=config.data, image_size=config.image_size, batch_size=config.batch_size,
-            train=True, num_workers=config.num_workers, seed=data_seed,
-        ))
         self.window = ProgressWindow()
         self.last_loss = math.nan
         self.model_published = -math.inf
@@ -146,6 +153,28 @@ class Peer:
             name=config.model.name, depth=config.model.depth, num_classes=config.model.num_classes,
             image_size=config.image_size, class_names=list(CATEGORIES[: config.model.num_classes]),
         )
+
+    def _lease_source(self, wait: float = 30.0) -> CoordinatorShards:
+        """Shards from the coordinator: its URL from --coordinator or from its announcement in the DHT."""
+        urls, deadline = [self.config.coordinator_url] if self.config.coordinator_url else [], time.monotonic() + wait
+        while not urls:
+            info = self.records.coordinator()
+            if info is not None:
+                if not info.has_dataset:
+                    raise ValueError("the coordinator hands out no data (it was started without --dataset): "
+                                     "pass --data PATH to train on your own files")
+                urls = info.urls
+            elif time.monotonic() > deadline:
+                raise ValueError(f"no coordinator announced its API in the swarm within {wait:.0f}s: pass "
+                                 "--coordinator URL, or --data PATH to train on your own files")
+            else:
+                time.sleep(1.0)
+        url = reachable_url(urls)
+        if url is None:
+            raise ValueError(f"the coordinator's API does not answer at {' '.join(urls)}: check that this machine "
+                             "can reach it (firewall, --public-url on the coordinator), or pass --coordinator URL")
+        logger.info(f"training on shards leased from the coordinator at {url}")
+        return CoordinatorShards(url, str(self.dht.peer_id), data_root=self.config.data_root)
 
     @property
     def visible_maddrs(self) -> list[str]:

@@ -16,18 +16,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
-
 from convforever.data import (
-    CATEGORIES, IMAGENET_MEAN, IMAGENET_STD, PD_EXTENDED_SCHEMA, Batch, DataConfig, classify_caption,
-    label_from_value, make_loader, resolve_files, write_demo_dataset,
+    CATEGORIES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PD_EXTENDED_SCHEMA,
+    Batch,
+    DataConfig,
+    classify_caption,
+    label_from_value,
+    make_loader,
+    resolve_files,
+    write_demo_dataset,
 )
-from convforever.data.demo import DEMO_CLASSES, main as demo_main
+from convforever.data.demo import DEMO_CLASSES
+from convforever.data.demo import main as demo_main
 from convforever.data.images import (
-    UnusableImage, decode_image, eval_transform, normalize, random_crop_box, train_transform,
+    UnusableImage,
+    decode_image,
+    eval_transform,
+    normalize,
+    random_crop_box,
+    train_transform,
 )
 from convforever.data.labels import CATEGORY_INDEX, keywords_for
-from convforever.data.parquet import iter_rows, list_units
+from convforever.data.shards import iter_shard, plan_dataset
+from PIL import Image
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -185,20 +199,22 @@ def test_resolve_files_error_says_what_was_looked_for(tmp_path):
 @pytest.mark.parametrize("column", ["image", "caption"])
 def test_missing_column_names_column_and_file(tmp_path, column):
     path = _write(tmp_path / "bad.parquet", [{"caption": "a dog", "image": _png(8, 8)}], drop=column)
-    with pytest.raises(ValueError, match=rf"bad\.parquet has no '{column}' column"):
+    expected = {"image": "has neither an 'image' struct", "caption": "has no 'label' and no 'caption' column"}[column]
+    with pytest.raises(ValueError, match=rf"bad\.parquet {expected}"):
         make_loader(DataConfig(path))
 
 
 def test_reads_pd_extended_rows_in_row_groups(tmp_path):
     rows = [{"caption": f"dog number {i}", "image": _png(8, 8)} for i in range(10)]
     path = _write(tmp_path / "x.parquet", rows, row_group_size=4)
-    units = list_units([path])
-    assert [(u.row_group, u.num_rows) for u in units] == [(0, 4), (1, 4), (2, 2)]
-    assert units[0].has_caption and units[0].has_id and not units[0].has_label
-    read = [row for unit in units for row in iter_rows(unit)]
-    assert [r[0] for r in read] == [f"row-{i}" for i in range(10)]
-    assert [r[1] for r in read] == [f"dog number {i}" for i in range(10)]
-    assert all(r[2] is None and r[3] == rows[0]["image"] for r in read)
+    plan = plan_dataset(path, shard_rows=5)  # row groups of 4, 4, 2 -> shards of 8 and 2 rows
+    assert [(s.start, s.stop, s.num_rows) for s in plan.shards] == [(0, 2, 8), (2, 3, 2)]
+    read = [row for shard in plan.shards for row in iter_shard(plan.root, shard)]
+    assert [r.id for r in read] == [f"row-{i}" for i in range(10)]
+    assert [r.caption for r in read] == [f"dog number {i}" for i in range(10)]
+    assert all(r.label is None and r.image == rows[0]["image"] and r.url is None for r in read)
+    # Resuming inside a shard skips whole row groups without reading them, then rows within one.
+    assert [r.id for r in iter_shard(plan.root, plan.shards[0], start_row=5)] == ["row-5", "row-6", "row-7"]
 
 
 # ------------------------------------------------------------------------------------ decoding and skips
