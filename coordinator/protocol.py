@@ -24,11 +24,7 @@ from typing import Dict, Iterable, List, Optional
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
-from hivemind.dht.schema import (
-    BytesWithPublicKey,
-    RSASignatureValidator,
-    SchemaValidator,
-)
+from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import ValueWithExpiration, get_dht_time
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from convforever.model import ConvNeXt, flat_parameter_names
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.state_averager import TrainingStateAverager
+
+from convforever.model import ConvNeXt, flat_parameter_names
 
 from .process import keep_signal_handlers
 
