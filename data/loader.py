@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class Lease:
     lease_id: str = ""
     start_row: int = 0  # resume point: rows a previous holder already trained on
     data_pass: int = 0  # which pass over the dataset this reading belongs to
+    renew_every: float = 0.0  # seconds between renewals while its rows are read or wait in the buffer; 0: never
 
 
 class ShardSource(Protocol):
@@ -176,11 +178,19 @@ class _WorkerBatch(TypedDict):
 class _Tally:
     """One lease's accounting while its rows travel through the fetch stage and the shuffle buffer."""
 
+    @property
+    def progress(self) -> int:
+        """Rows of the shard resolved so far, as a resume point. With a shuffle buffer the rows still in it
+        are a random subset of those read, so a resumed reader is exact to within the buffer's size."""
+        return self.lease.start_row + self.rows_read - self.pending
+
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
         self.used = 0
         self.skipped: Counter[str] = Counter()
         self.pending = 0  # rows read but not yet resolved into a sample or a skip
+        self.rows_read = 0
+        self.renewed = time.monotonic()
         self.read_done = False
         self.lost = False  # the coordinator gave the shard to someone else: do not report it done
 
@@ -203,8 +213,6 @@ class _Stream(IterableDataset):
 
 class _Worker:
     """One worker's loop: leases in, batches out; every row ends as a sample or a counted skip."""
-
-    RENEW_EVERY_ROWS = 256
 
     def __init__(self, source: ShardSource, config: DataConfig, worker: int, num_workers: int) -> None:
         self.source, self.config, self.worker, self.num_workers = source, config, worker, num_workers
@@ -233,10 +241,23 @@ class _Worker:
             images.append(item[0])
             labels.append(item[1])
             if len(images) == cfg.batch_size:
+                self._renew_due()
                 yield self._batch(images, labels, exhausted=False)
                 images, labels = [], []
         if images or self.skipped:
             yield self._batch(images, labels, exhausted=False)
+
+    def _renew_due(self) -> None:
+        """Renew every open lease whose renewal is due: its rows may wait in the buffer long after reading."""
+        now = time.monotonic()
+        for tally in self.open:
+            lease = tally.lease
+            if tally.lost or not lease.renew_every or now - tally.renewed < lease.renew_every:
+                continue
+            tally.renewed = now
+            if not self.source.renew(lease, tally.progress):
+                logger.info("worker %d: lease on %s was lost; another peer has it now", self.worker, lease.shard.key)
+                tally.lost = True
 
     def _batch(self, images: list[torch.Tensor], labels: list[int], *, exhausted: bool) -> _WorkerBatch:
         size = self.config.image_size
@@ -336,6 +357,7 @@ class _Worker:
             try:
                 for row in iter_shard(lease.root, lease.shard, lease.start_row):
                     rows_done += 1
+                    tally.rows_read += 1
                     labelled = self._label(tally, row)
                     if labelled is not None:
                         tally.pending += 1
@@ -343,9 +365,9 @@ class _Worker:
                     if len(chunk) >= chunk_size:
                         yield tally, chunk
                         chunk = []
-                    if rows_done % self.RENEW_EVERY_ROWS == 0 and not self.source.renew(lease, rows_done):
-                        logger.info("worker %d: lease on %s was lost; moving on", self.worker, lease.shard.key)
-                        tally.lost = finished = True
+                    self._renew_due()
+                    if tally.lost:  # the rows already read are trained on; the rest is someone else's now
+                        finished = True
                         break
                 finished = True
             except ShardUnreadable as error:
@@ -357,7 +379,7 @@ class _Worker:
                 finished = True
             finally:
                 if not finished:  # closed early: the peer is leaving mid-shard
-                    self.source.release(lease, rows_done)
+                    self.source.release(lease, tally.progress)
             if chunk:
                 yield tally, chunk
             yield tally, None

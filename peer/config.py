@@ -53,7 +53,8 @@ class PeerConfig:
         checks = [
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.target_batch_size >= self.batch_size, "--target-batch-size must be >= --batch-size"),
-            (self.image_size >= 16, "--image-size must be >= 16 pixels"),
+            # The stem (4x) and three 2x downsamplings need at least 32 pixels to leave one pixel at the end.
+            (self.image_size >= 32, "--image-size must be >= 32 pixels (ConvNeXt downsamples 32x)"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.min_peers >= 1, "--min-peers must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),

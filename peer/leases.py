@@ -100,7 +100,7 @@ class CoordinatorShards:
                         self._delay = 0.0
                         self._last = Lease(shard=Shard.from_dict(grant["shard"]), root=self.data_root or grant["root"],
                                            lease_id=grant["lease_id"], start_row=int(grant["start_row"]),
-                                           data_pass=int(grant["data_pass"]))
+                                           data_pass=int(grant["data_pass"]), renew_every=float(grant["ttl"]) / 3)
                         return self._last
                     self._retry_at = time.monotonic() + float(answer.get("retry_after", 10.0))
                     logger.info("worker %d: every shard is leased; asking again in %.0fs", worker,
