@@ -269,25 +269,33 @@ class _Worker:
     def _samples(self) -> Iterator[tuple[torch.Tensor, int] | _Tally]:
         """(image, label) samples, and each shard's tally once it is closed.
 
-        Rows go through a shuffle buffer when training (drained whenever a new pass begins, so each pass is
-        a complete permutation of what was read); in evaluation they come out in shard order.
+        Training shuffles in blocks: the buffer fills to ``shuffle_buffer`` rows, is shuffled, and drains
+        completely. A continuous buffer (pop one random row per row read) would let a few rows of every
+        shard linger for thousands of reads, keeping its lease open and its completion unreported long
+        after the shard was read; in blocks, a shard closes at most one buffer after its last row.
+        Evaluation keeps shard order. A new pass always starts with an empty buffer.
         """
         buffer: list[_Pending] = []
-        train = self.config.train
-        capacity = max(self.config.shuffle_buffer, 1) if train else 1
+        capacity = max(self.config.shuffle_buffer, 1) if self.config.train else 1
+
+        def drain() -> Iterator[tuple[torch.Tensor, int] | _Tally]:
+            if self.config.train:
+                self.rng.shuffle(buffer)
+            for pending in buffer:
+                yield from self._decode(pending)
+            buffer.clear()
+
         for item in self._resolved_rows():
             if isinstance(item, _Tally):  # a shard's reading has finished
                 yield from self._close_finished()
                 continue
             if item[0].lease.data_pass != self.passes:  # a new pass: finish the previous one first
-                while buffer:
-                    yield from self._decode(self._pop_random(buffer))
+                yield from drain()
                 self.passes = item[0].lease.data_pass
             buffer.append(item)
             if len(buffer) >= capacity:
-                yield from self._decode(self._pop_random(buffer) if train else buffer.pop(0))
-        while buffer:
-            yield from self._decode(self._pop_random(buffer) if train else buffer.pop(0))
+                yield from drain()
+        yield from drain()
         yield from self._close_finished()
         self.passes += 1
 
@@ -404,11 +412,6 @@ class _Worker:
             return None
         return row.id, label, None, row.image, row.url
 
-    def _pop_random(self, buffer: list) -> _Pending:
-        i = self.rng.randrange(len(buffer))
-        buffer[i], buffer[-1] = buffer[-1], buffer[i]
-        return buffer.pop()
-
     def _skip(self, tally: _Tally, reason: str, row_id: str | None, detail: object) -> None:
         tally.skipped[reason] += 1
         self.skipped[reason] += 1
@@ -417,6 +420,10 @@ class _Worker:
 
 def _label_cell(cell: object, num_classes: int) -> int | None:
     """Integer cells up to ``num_classes`` (ImageNet-style data has more classes than the 50 categories)."""
+    # Fix: a whole float is an integer column with nulls as pandas writes it (3 -> 3.0; label_from_value
+    # reads it so too), and must get the same num_classes bound: 500.0 was a bad_label at num_classes=1000.
+    if isinstance(cell, float) and cell.is_integer():
+        cell = int(cell)
     if isinstance(cell, int) and not isinstance(cell, bool):
         return cell if 0 <= cell < num_classes else None
     return label_from_value(cell)

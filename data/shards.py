@@ -156,14 +156,24 @@ def is_image_folder(path: str) -> bool:
     if not os.path.isdir(path):
         return False
     with os.scandir(path) as entries:
-        subdirs = [e.path for e in entries if e.is_dir()]
+        entries = list(entries)
+    subdirs = [e.path for e in entries if e.is_dir()]
     if not subdirs:
         return False
+    # Fix: the rule above was not applied (this returned True at the first image), so a directory of
+    # parquet/jsonl files that also held a folder of images (a README's assets/, sample previews) was
+    # planned as an ImageFolder of those few images and its data files were silently ignored. Any
+    # data file, at the top or in a sub-directory, now means "plan the data files". Each sub-directory is
+    # walked from its own path as before, so class folders that are symlinks are still followed.
+    if any(e.is_file() and e.name.endswith(DATA_SUFFIXES) for e in entries):
+        return False
+    has_images = False
     for sub in subdirs:
         for _, _, names in os.walk(sub):
-            if any(n.lower().endswith(IMAGE_SUFFIXES) for n in names):
-                return True
-    return False
+            if any(n.endswith(DATA_SUFFIXES) for n in names):
+                return False
+            has_images = has_images or any(n.lower().endswith(IMAGE_SUFFIXES) for n in names)
+    return has_images
 
 
 def plan_dataset(spec: str, shard_rows: int = 20_000, *, subset: str | None = None,
@@ -343,7 +353,10 @@ def _iter_jsonl(path: str, shard: Shard, start_row: int) -> Iterator[Row]:
     which fails a whole file on one malformed line): a bad line becomes a row without image or URL."""
     first = shard.start + start_row
     try:
-        with fsspec.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        # Fix: newline="\n" splits lines exactly where plan_file counts them (b"\n" in binary mode). With
+        # the default universal newlines a lone "\r" (old Mac line ends, or a raw CR inside a caption)
+        # also ended a line, shifting every later line number: rows were read twice or never.
+        with fsspec.open(path, "rt", encoding="utf-8", errors="replace", newline="\n") as f:
             for number, line in enumerate(f):
                 if number < first:
                     continue
