@@ -3,8 +3,14 @@
 Layout of a checkpoint root (what the coordinator writes and `convforever-eval` reads)::
 
     ROOT/step-40/model.safetensors   weights, timm-compatible key names
-    ROOT/step-40/config.json         model config, class names, image size, step, loss, ...
+    ROOT/step-40/config.json         timm's Hub config + our own record under "convforever"
     ROOT/latest                      the text "step-40"
+
+A step folder is exactly what a Hugging Face Hub model repository holds, so the local folder and
+the Hub share one layout: ``config.json`` carries the fields timm's ``create_model("hf-hub:...")``
+reads (``architecture``, ``num_classes``, ``model_args`` with depths and dims, ``pretrained_cfg`` with
+the input size, mean/std and label names), and our run's own record (model config, step, loss, run
+id, ...) under the ``"convforever"`` key, which timm ignores.
 
 A step folder is written under a temporary name and renamed into place, and `latest` is replaced
 with `os.replace`, so a crash half-way leaves the previous checkpoint and pointer valid.
@@ -16,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +34,53 @@ from . import ConvNeXt, ModelConfig, create_model
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 LATEST_NAME = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: our record at the top level of config.json (still read); 2: timm's layout
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for the model: timm's ``pretrained_cfg`` fields. The data layer owns
+    the numbers (``convforever.data.images``); callers pass them so model/ stays free of data code."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+    interpolation: str = "bicubic"
+
+
+def timm_config(config: ModelConfig, image_size: int, class_names: list[str], prep: Preprocessing) -> dict[str, Any]:
+    """The config.json fields timm reads in ``create_model("hf-hub:ORG/REPO", pretrained=True)``."""
+    return {
+        "architecture": config.name,
+        "num_classes": config.num_classes,
+        "num_features": config.dims[-1],
+        "global_pool": "avg",
+        "label_names": list(class_names),
+        "model_args": {"depths": list(config.depths), "dims": list(config.dims)},
+        "pretrained_cfg": {
+            "input_size": [config.in_chans, image_size, image_size],
+            "fixed_input_size": False,
+            "interpolation": prep.interpolation,
+            "crop_pct": prep.crop_pct,
+            "crop_mode": "center",
+            "mean": list(prep.mean),
+            "std": list(prep.std),
+            "num_classes": config.num_classes,
+            "pool_size": [max(image_size // 32, 1)] * 2,
+            "first_conv": "stem.0",
+            "classifier": "head.fc",
+            "label_names": list(class_names),
+        },
+    }
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
+                    prep: Preprocessing | None = None) -> Path:
     """Write ``root/step-{step}`` atomically and point ``root/latest`` at it; returns the step folder.
 
-    `meta` must hold at least ``model`` (a `ModelConfig.to_dict()`); it is stored as config.json
-    together with the step and the format version.
+    `meta` must hold at least ``model`` (a `ModelConfig.to_dict()`), ``image_size`` and ``class_names``;
+    it is stored under config.json's "convforever" key with the step and the format version, next to
+    timm's fields (built with ``prep``, ImageNet's statistics when None).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -43,8 +89,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, state_dict: dict[str, to
     try:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = dict(meta, step=step, format_version=FORMAT_VERSION)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / CONFIG_NAME).write_text(json.dumps(checkpoint_config(step, meta, prep), indent=2))
         if final.exists():  # the same step saved twice (e.g. after a restart): the newer state wins
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -55,6 +100,23 @@ def save_checkpoint(root: str | os.PathLike, step: int, state_dict: dict[str, to
     pointer_tmp.write_text(final.name)
     os.replace(pointer_tmp, root / LATEST_NAME)
     return final
+
+
+IMAGENET_PREPROCESSING = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875)
+
+
+def checkpoint_config(step: int, meta: dict[str, Any], prep: Preprocessing | None = None) -> dict[str, Any]:
+    """config.json's content: timm's fields first, then our record."""
+    model_config = ModelConfig.from_dict(meta["model"])
+    ours = dict(meta, step=step, format_version=FORMAT_VERSION)
+    return {**timm_config(model_config, int(meta["image_size"]), list(meta["class_names"]), prep or IMAGENET_PREPROCESSING),
+            "convforever": ours}
+
+
+def read_config(step_dir: Path) -> dict[str, Any]:
+    """Our record from a step folder's config.json, in either format version."""
+    config = json.loads((step_dir / CONFIG_NAME).read_text())
+    return config["convforever"] if "convforever" in config else config
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -73,10 +135,38 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
+def fetch_checkpoint(spec: str | os.PathLike) -> Path:
+    """A local step folder for ``DIR``, ``DIR@step-N``, ``ORG/REPO`` or ``ORG/REPO@REVISION`` (a Hub model
+    repository: a branch, a tag such as ``step-40``, or a commit; downloaded with huggingface_hub)."""
+    text = os.fspath(spec)
+    base, _, revision = text.partition("@")
+    if Path(text).exists() or Path(base).exists():
+        path = Path(base) / revision if revision and not Path(text).exists() else Path(text)
+        return resolve_checkpoint(path)
+    if base.count("/") != 1 or not all(base.split("/")):
+        raise FileNotFoundError(f"no checkpoint at {text!r}: not a local folder, and not a Hub repository "
+                                "name ORG/REPO[@REVISION]")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        local = snapshot_download(base, revision=revision or None, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME])
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"the Hub has no model repository {base!r} (or it is private: set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{base!r} has no revision {revision!r}; checkpoints are tagged step-N") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise FileNotFoundError(f"could not download {text!r} from the Hub: {e}") from None
+    return resolve_checkpoint(local)
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[ConvNeXt, dict[str, Any]]:
-    """Build the model a checkpoint describes and load its weights; returns (model, config)."""
-    step_dir = resolve_checkpoint(path)
-    config = json.loads((step_dir / CONFIG_NAME).read_text())
+    """Build the model a checkpoint describes and load its weights; returns (model, config).
+
+    ``path`` is anything `fetch_checkpoint` accepts: a local folder or a Hub repository, with a revision.
+    """
+    step_dir = fetch_checkpoint(path)
+    config = read_config(step_dir)
     model = create_model(ModelConfig.from_dict(config["model"]))
     model.load_state_dict(load_file(str(step_dir / WEIGHTS_NAME)), strict=True)
     return model, config

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", metavar="URL",
                    help="the coordinator's HTTP API (default: the URL it announces in the swarm)")
     p.add_argument("--data-root", help="read leased shards from this local copy of the coordinator's dataset")
+    p.add_argument("--init-from", metavar="REPO_OR_DIR[@REV]",
+                   help="start from this checkpoint (a folder, DIR@step-N, or a Hub repo ORG/REPO[@step-N]) instead "
+                        "of the run's seeded initialisation; a swarm that is already ahead still wins")
     p.add_argument("--labels", metavar="PATH_OR_REPO",
                    help="labels dataset (id, label) from convforever-label; overrides the caption classifier")
     p.add_argument("--model", default=ModelConfig().name, help="one of: " + ", ".join(MODEL_NAMES) + " (or atto..base)")
@@ -85,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, client_mode=args.client_mode,
             num_workers=args.num_workers, threads=args.threads, seed=args.seed, report_every=args.report_every,
             save_on_exit=args.save_on_exit, exit_grace=args.exit_grace, coordinator_url=args.coordinator,
-            data_root=args.data_root, labels=args.labels,
+            data_root=args.data_root, labels=args.labels, init_from=args.init_from,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -47,6 +47,7 @@ class PeerConfig:
     coordinator_url: Optional[str] = None  # the coordinator's HTTP API; None: the URL it announces in the DHT
     data_root: Optional[str] = None  # read leased shards from this copy of the dataset instead of the plan's root
     labels: Optional[str] = None  # labels dataset (id -> label) overriding the caption classifier
+    init_from: Optional[str] = None  # start from this checkpoint (DIR[@step-N] or ORG/REPO[@REVISION])
     exit_grace: float = 60.0  # seconds to wait, at --max-steps, for the coordinator to checkpoint our final step
 
     def __post_init__(self) -> None:

@@ -1,4 +1,5 @@
-"""`convforever-eval`: top-1/top-5 of a checkpoint on a dataset, as JSON on stdout."""
+"""`convforever-eval`: top-1/top-5 of a checkpoint on a dataset (JSON on stdout), or the top-5
+categories of one image. Checkpoints come from a local folder or a Hugging Face Hub repository."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections import Counter
 import torch
 
 from convforever.data import DataConfig, make_loader
+from convforever.data.images import UnusableImage, decode_image, eval_transform, normalize
 from convforever.model.checkpoint import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -38,10 +40,32 @@ def evaluate(model: torch.nn.Module, config: DataConfig, device: torch.device) -
     }
 
 
+@torch.no_grad()
+def classify_image(model: torch.nn.Module, path: str, image_size: int, class_names: list[str],
+                   device: torch.device, k: int = 5) -> list[tuple[str, float]]:
+    """The top-k (category, probability) of one image file, through the same eval transform as `evaluate`."""
+    try:
+        with open(path, "rb") as f:
+            image = decode_image(f.read(), max_pixels=DataConfig().max_image_pixels)
+    except OSError as e:
+        raise ValueError(f"--image {path}: {e.strerror or e}") from None
+    except UnusableImage as e:
+        raise ValueError(f"--image {path} is not a usable image ({e.reason}: {e})") from None
+    batch = normalize(eval_transform(image, image_size)).unsqueeze(0).to(device)
+    probs = model.eval().to(device)(batch).softmax(dim=1)[0].cpu()
+    top = probs.topk(min(k, probs.numel()))
+    names = list(class_names) + [f"class {i}" for i in range(len(class_names), probs.numel())]
+    return [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="convforever-eval", description="Evaluate a ConvForever checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="a step-N folder or a checkpoint root with 'latest'")
-    p.add_argument("--data", required=True, help="parquet file, directory or glob in the PD-Extended schema")
+    p.add_argument("--checkpoint", required=True,
+                   help="DIR (a step-N folder or a checkpoint root with 'latest'), DIR@step-N, or a Hub model "
+                        "repository ORG/REPO[@REVISION] (a branch, a step-N tag or a commit)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--data", help="parquet/jsonl file, directory, glob or ImageFolder to score top-1/top-5 on")
+    target.add_argument("--image", help="print the top-5 categories of this image file")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--image-size", type=int, help="default: the size the checkpoint was trained at")
@@ -50,8 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     try:
         model, config = load_checkpoint(args.checkpoint)
+        if args.image:
+            image_size = args.image_size or config["image_size"]
+            for rank, (name, prob) in enumerate(classify_image(model, args.image, image_size, config["class_names"],
+                                                               torch.device(args.device)), 1):
+                print(f"{rank}. {name:<14} {prob:7.2%}")
+            return
         data = DataConfig(files=args.data, image_size=args.image_size or config["image_size"], batch_size=args.batch_size,
-                          train=False, num_workers=args.num_workers)
+                          train=False, num_workers=args.num_workers, num_classes=config["model"]["num_classes"])
         result = evaluate(model, data, torch.device(args.device))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"convforever-eval: error: {e}") from None

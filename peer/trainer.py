@@ -29,7 +29,7 @@ from convforever.coordinator.process import keep_signal_handlers
 from convforever.coordinator.protocol import METRICS_TTL, MODEL_TTL, ModelInfo, PeerMetrics, RunRecords
 from convforever.data import CATEGORIES, DataConfig, make_loader
 from convforever.model import create_model, param_groups
-from convforever.model.checkpoint import save_checkpoint
+from convforever.model.checkpoint import load_checkpoint, save_checkpoint
 
 from .config import PeerConfig
 from .leases import CoordinatorShards, reachable_url
@@ -120,7 +120,10 @@ class Peer:
             self.dht.shutdown()
             raise
         torch.manual_seed(initial_seed(config.run_id))
-        self.model = create_model(config.model).to(self.device)
+        self.model = create_model(config.model)
+        if config.init_from:
+            self._init_from(config.init_from)
+        self.model.to(self.device)
         self.counters = TrafficCounters()
         averaging = build_averaging_kwargs(config.compression, self.counters, list(self.model.parameters()))
         # hivemind warns (and can deadlock) when a matchmaking request may outlive matchmaking itself.
@@ -175,6 +178,22 @@ class Peer:
                              "can reach it (firewall, --public-url on the coordinator), or pass --coordinator URL")
         logger.info(f"training on shards leased from the coordinator at {url}")
         return CoordinatorShards(url, str(self.dht.peer_id), data_root=self.config.data_root)
+
+    def _init_from(self, spec: str) -> None:
+        """Load a checkpoint's weights (before the optimizer copies them); its architecture must be ours."""
+        try:
+            loaded, meta = load_checkpoint(spec)
+        except (FileNotFoundError, ValueError) as e:
+            self.dht.shutdown()
+            raise ValueError(f"--init-from {spec}: {e}") from None
+        shape_keys = ("name", "depths", "dims", "num_classes", "in_chans", "version", "conv_mlp")
+        ours, theirs = self.model.config.to_dict(), loaded.config.to_dict()
+        if any(ours[k] != theirs[k] for k in shape_keys):
+            self.dht.shutdown()
+            raise ValueError(f"--init-from {spec} holds {meta['model']['name']} (depths {meta['model']['depths']}, "
+                             f"{meta['model']['num_classes']} classes); pass the same --model/--depth/--num-classes")
+        self.model.load_state_dict(loaded.state_dict())
+        logger.info(f"initialised from {spec} (its step {meta.get('step')})")
 
     @property
     def visible_maddrs(self) -> list[str]:
