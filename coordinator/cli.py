@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hivemind.p2p import P2PDaemonError
 
+from .hub import default_repo
 from .process import install_stop_handlers, setup_logging
 from .service import Coordinator, CoordinatorConfig
 
@@ -42,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
     p.add_argument("--http-host", default="0.0.0.0", help="address of the HTTP API (default 0.0.0.0)")
     p.add_argument("--http-port", type=int, default=8000, help="port of the HTTP API (default 8000; 0 picks a free one)")
     p.add_argument("--public-url", help="URL peers reach the HTTP API at, if not this machine's addresses (proxy, NAT)")
+    p.add_argument("--hub-repo", metavar="ORG/NAME",
+                   help="also publish every checkpoint to this Hugging Face Hub model repository (token: HF_TOKEN "
+                        "or `hf auth login`); one commit and one step-N tag per checkpoint")
+    p.add_argument("--org", help="publish to ORG/ConvForever-RUN_ID (instead of --hub-repo)")
+    p.add_argument("--hub-private", action="store_true", help="create the Hub repository private")
     p.add_argument("-v", "--verbose", action="store_true", help="log hivemind's own messages too")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -52,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
             identity=args.identity, status_every=args.status_every, state_timeout=args.state_timeout,
             dataset=args.dataset, subset=args.subset, shard_rows=args.shard_rows, lease_ttl=args.lease_ttl,
             http_host=args.http_host, http_port=args.http_port, public_url=args.public_url,
+            hub_repo=args.hub_repo or (default_repo(args.org, args.run_id) if args.org else None),
+            hub_private=args.hub_private,
         )
     except ValueError as e:
         p.error(str(e))
@@ -59,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
+    if config.hub_repo:
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise SystemExit(f"convforever-coordinator: error: --hub-repo {config.hub_repo} needs a Hugging Face token "
+                             "with write access: set HF_TOKEN or run `hf auth login` (or drop --hub-repo/--org to keep "
+                             "checkpoints local only)")
     stop = threading.Event()
     install_stop_handlers(stop)
     logger.info(f"config: {json.dumps(vars(config), default=str)}")

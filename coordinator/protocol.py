@@ -65,6 +65,7 @@ class ModelInfo(pydantic.BaseModel):
     num_classes: pydantic.conint(ge=1, strict=True)
     image_size: pydantic.conint(ge=8, strict=True)
     class_names: List[pydantic.StrictStr]
+    compression: Optional[pydantic.StrictStr] = None  # e.g. "powersgd-8bit rank 4", for the model card
 
 
 class CheckpointInfo(pydantic.BaseModel):

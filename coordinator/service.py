@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Optional
 
 import hivemind
-from convforever.model import ModelConfig, create_model
-from convforever.model.checkpoint import save_checkpoint
 from hivemind.utils import get_dht_time
 
+from convforever.model import ModelConfig, create_model
+from convforever.model.checkpoint import save_checkpoint
+
 from .http import HttpServer, LeaseApi
+from .hub import CardFacts, HubConfig, HubPublisher, Upload, loss_curve_png, model_card
 from .leases import LeaseLedger
 from .protocol import (
     CheckpointInfo,
@@ -61,6 +63,9 @@ class CoordinatorConfig:
     http_host: str = "0.0.0.0"
     http_port: int = 8000  # 0 picks a free port
     public_url: Optional[str] = None  # announce this URL instead of one per listening address
+    # Publishing checkpoints to the Hugging Face Hub: --hub-repo ORG/NAME, or --org ORG for ORG/ConvForever-{run_id}.
+    hub_repo: Optional[str] = None
+    hub_private: bool = False
 
     @property
     def ledger_path(self) -> Path:
@@ -75,6 +80,8 @@ class CoordinatorConfig:
             raise ValueError(f"--shard-rows must be >= 1, got {self.shard_rows}")
         if self.lease_ttl < 5:
             raise ValueError(f"--lease-ttl must be >= 5 seconds, got {self.lease_ttl}")
+        if self.hub_repo is not None:
+            HubConfig(self.hub_repo)  # raises with what to pass instead
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"--http-port must be a TCP port (0 picks a free one), got {self.http_port}")
 
@@ -165,6 +172,7 @@ class Coordinator:
         self.global_step = 0
         self.model_info: Optional[ModelInfo] = None
         self.fetcher: Optional[StateFetcher] = None
+        self.hub = HubPublisher(HubConfig(config.hub_repo, private=config.hub_private)) if config.hub_repo else None
         self.last_saved = self._existing_checkpoint_step()
         self.last_path = str(self.config.checkpoint_dir / f"step-{self.last_saved}") if self.last_saved else ""
 
@@ -233,7 +241,26 @@ class Coordinator:
         path = save_checkpoint(self.config.checkpoint_dir, fetched.step, fetched.state_dict, meta)
         self.last_saved, self.last_path = fetched.step, str(path)
         logger.info(f"saved checkpoint {path} (loss {loss:.4f})")
+        if self.hub is not None:  # only a fresh, verified state gets here: the fetcher refused stale ones
+            self.hub.submit(self._upload(fetched.step, path, loss))
         return path
+
+    def _upload(self, step: int, path: Path, loss: float) -> Upload:
+        assert self.model_info is not None and self.hub is not None
+        history = self.history_points()
+        facts = CardFacts(
+            run_id=self.config.run_id, repo_id=self.hub.config.repo_id, step=step, loss=loss,
+            model=self.model_config.to_dict(), image_size=self.model_info.image_size,
+            class_names=self.model_info.class_names, dataset=self.ledger.spec if self.ledger else None,
+            data=self.ledger.summary() if self.ledger else None, compression=self.model_info.compression,
+            history=history,
+        )
+        curve = [(p["global_step"], p["loss"] if p.get("loss") is not None else math.nan) for p in history]
+        return Upload(step=step, step_dir=path, loss=loss, card=model_card(facts), curve_png=loss_curve_png(curve))
+
+    def history_points(self) -> list[dict]:
+        """The run's time series (global_step, loss, samples_per_second, peers_online per tick)."""
+        return []
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -241,6 +268,8 @@ class Coordinator:
             stop.wait(self.config.status_every)
 
     def shutdown(self) -> None:
+        if self.hub is not None:
+            self.hub.close()
         self.http.stop()
         if self.ledger is not None:
             self.ledger.close()

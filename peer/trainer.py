@@ -19,10 +19,10 @@ from functools import partial
 from typing import Optional
 
 import hivemind
-from hivemind.p2p import P2PDaemonError
-from hivemind.utils import get_dht_time
 import torch
 import torch.nn.functional as F
+from hivemind.p2p import P2PDaemonError
+from hivemind.utils import get_dht_time
 
 from convforever.compression import TrafficCounters, TrafficSnapshot, build_averaging_kwargs
 from convforever.coordinator.process import keep_signal_handlers
@@ -155,6 +155,8 @@ class Peer:
         self.model_info = ModelInfo(
             name=config.model.name, depth=config.model.depth, num_classes=config.model.num_classes,
             image_size=config.image_size, class_names=list(CATEGORIES[: config.model.num_classes]),
+            compression=f"{config.compression.mode} rank {config.compression.rank}"
+            if config.compression.mode.startswith("powersgd") else config.compression.mode,
         )
 
     def _lease_source(self, wait: float = 30.0) -> CoordinatorShards:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hivemind.optim.progress_tracker import LocalTrainingProgress
 
 from convforever.coordinator.protocol import PeerMetrics, mean_loss, swarm_view
 from convforever.coordinator.service import CoordinatorConfig, checkpoint_due, format_status
 from convforever.model import ModelConfig, create_model
 from convforever.model import checkpoint as ckpt
-from hivemind.optim.progress_tracker import LocalTrainingProgress
 
 
 def progress(epoch: int, samples: int = 0, rate: float = 10.0, client: bool = False, t: float = 100.0):

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
+
 from convforever.data import (
     CATEGORIES,
     IMAGENET_MEAN,
@@ -41,7 +43,6 @@ from convforever.data.images import (
 )
 from convforever.data.labels import CATEGORY_INDEX, keywords_for
 from convforever.data.shards import iter_shard, plan_dataset
-from PIL import Image
 
 # ----------------------------------------------------------------------------------------------- helpers
 

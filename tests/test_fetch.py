@@ -10,6 +10,8 @@ import threading
 import time
 
 import pytest
+from http_fixtures import ImageServer, Route, png_bytes, refused_url
+
 from convforever.data.fetch import (
     RETRY_AFTER_CAP,
     SKIP_REASONS,
@@ -17,7 +19,6 @@ from convforever.data.fetch import (
     _retry_after_seconds,
     fetch_images,
 )
-from http_fixtures import ImageServer, Route, png_bytes, refused_url
 
 FAST = FetchConfig(timeout=0.5, retries=2, backoff=0.01, max_bytes=10_000, concurrency=4)
 

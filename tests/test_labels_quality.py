@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from convforever.data.labels import CATEGORIES, CATEGORY_INDEX, classify_caption
 
 ROOT = Path(__file__).resolve().parent.parent

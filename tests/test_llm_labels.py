@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from convforever.data import CATEGORIES, classify_caption, write_demo_dataset
 from convforever.data.llm_labels import (
     CACHE_FILE,
