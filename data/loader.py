@@ -228,13 +228,24 @@ class _Worker:
         cfg = self.config
         images: list[torch.Tensor] = []
         labels: list[int] = []
-        empty_run, limit = 0, self.source.max_empty_shards(self.worker, self.num_workers)
+        # Fix: count *distinct* shards closed without a usable row since the last one that had some. A plain
+        # count of closures stopped workers whose share still held good data: each pass is reshuffled, so
+        # an empty shard (unreadable file, no labelled row) ending one pass and starting the next counted
+        # twice, and a good shard closes only once the shuffle buffer hands out its rows, which can be after
+        # the next pass's first empty shards. With a share of [good, broken] the worker stopped within a few
+        # passes (with one worker: RuntimeError "no usable rows"). Distinct, a share of N stops only when
+        # all N shards are empty, after one pass as before.
+        empty: set[str] = set()
+        limit = self.source.max_empty_shards(self.worker, self.num_workers)
         for item in self._samples():
             if isinstance(item, _Tally):  # a shard was closed
-                empty_run = 0 if item.used else empty_run + 1
-                if empty_run >= limit:
+                if item.used:
+                    empty.clear()
+                else:
+                    empty.add(item.lease.shard.key)
+                if len(empty) >= limit:
                     logger.warning("worker %d: no usable row in %d shards in a row (skipped %s); it stops",
-                                   self.worker, empty_run, dict(self.skipped))
+                                   self.worker, len(empty), dict(self.skipped))
                     yield self._batch(images, labels, exhausted=True)
                     return
                 continue

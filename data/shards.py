@@ -300,6 +300,10 @@ def iter_shard(root: str, shard: Shard, start_row: int = 0) -> Iterator[Row]:
 def _iter_parquet(path: str, shard: Shard, start_row: int) -> Iterator[Row]:
     import datasets
 
+    # load_dataset() reports "download statistics" to an S3 endpoint on every call, with a 3 s timeout:
+    # a request per shard that an offline or firewalled peer waits out. We never want it.
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+
     try:
         schema_names, groups = parquet_layout(path)
         if len(groups) < shard.stop:
