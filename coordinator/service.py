@@ -28,6 +28,8 @@ from convforever.model.checkpoint import save_checkpoint
 from .http import HttpServer, LeaseApi
 from .hub import CardFacts, HubConfig, HubPublisher, Upload, loss_curve_png, model_card
 from .leases import LeaseLedger
+from .status import RunHistory, StatusBoard, build_status
+from .web import WebApi
 from .protocol import (
     CheckpointInfo,
     CoordinatorInfo,
@@ -151,7 +153,11 @@ class Coordinator:
             config.identity.parent.mkdir(parents=True, exist_ok=True)
         # The plan and the API first: a dataset that cannot be planned or a busy port fails before the DHT starts.
         self.ledger = open_ledger(config)
-        self.http = HttpServer(LeaseApi(self.ledger).routes(), config.http_host, config.http_port)
+        # The run's curves and leaderboard survive restarts next to the checkpoints; the page only reads the board.
+        self.history = RunHistory(config.checkpoint_dir / "history.jsonl")
+        self.board = StatusBoard()
+        self.web = WebApi(self.board, checkpoint_dir=config.checkpoint_dir)
+        self.http = HttpServer(LeaseApi(self.ledger).routes() + self.web.routes(), config.http_host, config.http_port)
         port = self.http.start()
         try:
             self.dht = hivemind.DHT(
@@ -221,7 +227,19 @@ class Coordinator:
         self.records.publish_coordinator(CoordinatorInfo(urls=self.api_urls, has_dataset=self.ledger is not None,
                                                          time=get_dht_time()))
         data = self.ledger.summary() if self.ledger is not None else None
+        self.history.record(view, metrics)
+        self.board.update(build_status(self.config.run_id, view, metrics, self.history, self.checkpoint_status(),
+                                       data, initial_peers=self.maddrs))
         return format_status(view, metrics, self.last_saved or None, data)
+
+    def checkpoint_status(self) -> Optional[dict]:
+        """The latest checkpoint for the page: its Hub revision once published there, else its files here."""
+        if not self.last_saved:
+            return None
+        url = self.web.checkpoint_url(self.last_path)
+        if self.hub is not None and self.last_saved in self.hub.published:
+            url = f"{self.hub.url}/tree/step-{self.last_saved}"
+        return {"step": self.last_saved, "path": self.last_path, "url": url}
 
     def checkpoint(self, min_step: int, metrics: list[PeerMetrics]) -> Optional[Path]:
         assert self.fetcher is not None and self.model_info is not None
@@ -260,7 +278,7 @@ class Coordinator:
 
     def history_points(self) -> list[dict]:
         """The run's time series (global_step, loss, samples_per_second, peers_online per tick)."""
-        return []
+        return self.history.point_dicts()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -268,6 +286,7 @@ class Coordinator:
             stop.wait(self.config.status_every)
 
     def shutdown(self) -> None:
+        self.history.flush_peers()
         if self.hub is not None:
             self.hub.close()
         self.http.stop()

@@ -2,20 +2,27 @@
 
 This is the test a user's first `make demo` corresponds to: if it passes, processes find each
 other through the DHT, average compressed gradients in groups of two, step together, the
-coordinator checkpoints a fresh state, and the checkpoint evaluates.
+coordinator checkpoints a fresh state, publishes it to a Hub (tests/hub_server.py), the run's
+page renders in a real headless Chromium, and the checkpoint evaluates, locally and from the Hub.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from browser import check_page
+from hub_server import HubServer
+from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
 from convforever.model import ModelConfig, create_model
@@ -24,10 +31,11 @@ from convforever.peer.trainer import initial_seed
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 5
+ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"), stderr=subprocess.STDOUT)
+def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def wait_for_text(path: Path, proc: subprocess.Popen, timeout: float) -> str:
@@ -40,15 +48,26 @@ def wait_for_text(path: Path, proc: subprocess.Popen, timeout: float) -> str:
     raise TimeoutError(path)
 
 
+HUB_REPO = "convforever-test/ConvForever-t"
+
+
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     work = tmp_path_factory.mktemp("swarm")
+    with HubServer(work / "hub") as hub:
+        yield run_swarm(work, hub)
+
+
+def run_swarm(work: Path, hub: HubServer):
+    hub_env = {**os.environ, **hub.client_env(work / "hf-home")}
     subprocess.run([sys.executable, "-m", "convforever.data.demo", "--out", str(work / "data"), "--train-rows", "800",
                     "--eval-rows", "120", "--image-size", "48", "--seed", "1"], check=True, capture_output=True)
     maddrs = work / "maddrs.txt"
     coordinator = start(["convforever.coordinator.cli", "--run-id", "t", "--checkpoint-dir", str(work / "ckpt"),
                          "--checkpoint-every", "2", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(maddrs),
-                         "--status-every", "1"], work / "coordinator.log")
+                         "--status-every", "1", "--http-host", "127.0.0.1", "--http-port", "0", "--hub-repo", HUB_REPO],
+                        work / "coordinator.log", env=hub_env)
+    page: dict = {}
     peers = []
     try:
         initial = wait_for_text(maddrs, coordinator, 60).split()
@@ -61,6 +80,20 @@ def swarm(tmp_path_factory):
                 "--save-on-exit", str(work / f"peer{i}"), "--exit-grace", "60", "--min-peers", "2", "--threads", "1",
             ], work / f"peer{i}.log"))
         codes = [p.wait(timeout=400) for p in peers]
+        # The run's page, while the coordinator still serves the peers' last records.
+        url = re.search(r"HTTP API at (\S+)", (work / "coordinator.log").read_text()).group(1)
+        peer_ids = [re.search(r"can also join through: \S+/p2p/(\w+)", (work / f"peer{i}.log").read_text()).group(1)
+                    for i in range(2)]
+        try:
+            page = check_page(url, peer_ids, work / "page.png")
+            ARTIFACTS.mkdir(exist_ok=True)
+            shutil.copy(work / "page.png", ARTIFACTS / "swarm_page.png")
+        except pytest.skip.Exception as e:  # no Chromium on this machine: the page test says so
+            page = {"skipped": str(e)}
+        with urllib.request.urlopen(f"{url}/api/status", timeout=10) as response:
+            page["status"] = json.loads(response.read())
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            page["metrics"] = response.read().decode()
     finally:
         for p in peers:
             if p.poll() is None:
@@ -72,11 +105,16 @@ def swarm(tmp_path_factory):
             coordinator.kill()
             coordinator_code = "did not stop within 30 s of SIGINT"
     logs = {name: (work / f"{name}.log").read_text() for name in ("peer0", "peer1", "coordinator")}
-    return work, codes, coordinator_code, logs
+    hub_tags = sorted((t.name for t in HfApi(endpoint=hub.url, token=hub.token).list_repo_refs(HUB_REPO).tags),
+                      key=lambda tag: int(tag.removeprefix("step-")))
+    evaluated = subprocess.run([sys.executable, "-m", "convforever.peer.evaluate", "--checkpoint", f"{HUB_REPO}@{hub_tags[-1]}"
+                                if hub_tags else HUB_REPO, "--data", str(work / "data" / "eval")], capture_output=True,
+                               text=True, env=hub_env)
+    return work, codes, coordinator_code, logs, dict(page=page, hub_tags=hub_tags, hub_eval=evaluated)
 
 
 def test_processes_exit_cleanly(swarm):
-    _, codes, coordinator_code, logs = swarm
+    _, codes, coordinator_code, logs, _ = swarm
     assert codes == [0, 0], logs
     assert coordinator_code == 0, logs["coordinator"]
     for name, log in logs.items():
@@ -88,7 +126,7 @@ def test_processes_exit_cleanly(swarm):
 
 
 def test_peers_reach_the_last_step_averaging_in_pairs(swarm):
-    _, _, _, logs = swarm
+    _, _, _, logs, _ = swarm
     for name in ("peer0", "peer1"):
         sizes = json.loads(re.search(r"all-reduce group sizes: (\{.*\})", logs[name]).group(1))
         steps = re.findall(r"^step (\d+) \|", logs[name], flags=re.M)
@@ -99,7 +137,7 @@ def test_peers_reach_the_last_step_averaging_in_pairs(swarm):
 
 
 def test_loss_falls(swarm):
-    _, _, _, logs = swarm
+    _, _, _, logs, _ = swarm
     for name in ("peer0", "peer1"):
         losses = [float(x) for x in re.findall(r"\| loss (\d+\.\d+) \|", logs[name])]
         assert len(losses) >= 3, logs[name]
@@ -118,7 +156,7 @@ def test_peer_parameters_agree(swarm):
     independent walks from the common start and end up about sqrt(2) x the movement apart, so a
     bound of half the movement separates "averaged together" from "trained apart".
     """
-    work, _, _, _ = swarm
+    work, _, _, _, _ = swarm
     a = load_file(str(work / "peer0" / f"step-{MAX_STEPS}" / "model.safetensors"))
     b = load_file(str(work / "peer1" / f"step-{MAX_STEPS}" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -133,10 +171,10 @@ def test_peer_parameters_agree(swarm):
 
 
 def test_coordinator_checkpoint_loads_and_evaluates(swarm):
-    work, _, _, logs = swarm
+    work, _, _, logs, _ = swarm
     latest = (work / "ckpt" / "latest").read_text().strip()
     assert int(latest.removeprefix("step-")) >= MAX_STEPS, logs["coordinator"]
-    config = json.loads((work / "ckpt" / latest / "config.json").read_text())
+    config = json.loads((work / "ckpt" / latest / "config.json").read_text())["convforever"]
     assert config["model"]["name"] == "convnext_atto" and config["image_size"] == 32
     assert len(config["class_names"]) == config["model"]["num_classes"] == 50
     # the coordinator's copy is one peer's final state (downloaded in fp32)
@@ -149,3 +187,34 @@ def test_coordinator_checkpoint_loads_and_evaluates(swarm):
     metrics = json.loads(result.stdout)
     assert metrics["samples"] > 100 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
     assert metrics["checkpoint_step"] == config["step"]
+
+
+def test_run_page_shows_the_swarm(swarm):
+    """The coordinator's page in a real headless Chromium: every chart drew points, both peers are listed."""
+    _, _, _, _, extra = swarm
+    page = extra["page"]
+    if "skipped" in page:
+        pytest.skip(page["skipped"])
+    assert all(points > 0 for points in page["charts"].values()), page["charts"]
+    assert Path(page["screenshot"]).stat().st_size > 10_000
+
+
+def test_status_api_and_prometheus_metrics(swarm):
+    _, _, _, _, extra = swarm
+    status, metrics = extra["page"]["status"], extra["page"]["metrics"]
+    assert status["run_id"] == "t" and status["global_step"] >= MAX_STEPS and len(status["peers"]) == 2
+    assert status["latest_checkpoint"]["step"] >= MAX_STEPS - 1
+    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+    assert float(values["convforever_global_step"]) >= MAX_STEPS
+    assert float(values["convforever_compression_ratio"]) > 1
+
+
+def test_checkpoints_reach_the_hub_and_evaluate_from_it(swarm):
+    work, _, _, logs, extra = swarm
+    latest = (work / "ckpt" / "latest").read_text().strip()
+    assert latest in extra["hub_tags"], (extra["hub_tags"], logs["coordinator"])
+    evaluated = extra["hub_eval"]
+    assert evaluated.returncode == 0, evaluated.stderr
+    local = subprocess.run([sys.executable, "-m", "convforever.peer.evaluate", "--checkpoint", str(work / "ckpt"),
+                            "--data", str(work / "data" / "eval")], check=True, capture_output=True, text=True)
+    assert json.loads(evaluated.stdout) == json.loads(local.stdout)  # the same weights, bit for bit
