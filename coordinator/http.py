@@ -9,6 +9,8 @@ event loop, so a slow checkpoint never delays a peer's lease renewal. Routes (do
     POST /api/v1/leases/{id}/renew       {"peer_id", "rows_done"} -> {"ttl": s}      (410: lease lost)
     POST /api/v1/leases/{id}/complete    {"peer_id", "used", "skipped": {reason: n}} (409: already done)
     POST /api/v1/leases/{id}/release     {"peer_id", "rows_done"}: a leaving peer hands its shard back
+
+`web.py` adds the run's page (``/``), ``/api/status``, ``/metrics`` and the checkpoint files.
 """
 
 from __future__ import annotations
