@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="REPO_OR_DIR[@REV]",
                    help="start from this checkpoint (a folder, DIR@step-N, or a Hub repo ORG/REPO[@step-N]) instead "
                         "of the run's seeded initialisation; a swarm that is already ahead still wins")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision,
+                   help="autocast precision: auto = bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: deep models in little memory")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default=d.optimizer,
+                   help="adamw8bit keeps AdamW's statistics in 8 bits (bitsandbytes)")
+    p.add_argument("--offload-optimizer", action="store_true",
+                   help="keep the optimizer and its statistics on the CPU (hivemind's offload): saves GPU memory")
     p.add_argument("--labels", metavar="PATH_OR_REPO",
                    help="labels dataset (id, label) from convforever-label; overrides the caption classifier")
     p.add_argument("--model", default=ModelConfig().name, help="one of: " + ", ".join(MODEL_NAMES) + " (or atto..base)")
@@ -88,7 +99,9 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, client_mode=args.client_mode,
             num_workers=args.num_workers, threads=args.threads, seed=args.seed, report_every=args.report_every,
             save_on_exit=args.save_on_exit, exit_grace=args.exit_grace, coordinator_url=args.coordinator,
-            data_root=args.data_root, labels=args.labels, init_from=args.init_from,
+            data_root=args.data_root, labels=args.labels, init_from=args.init_from, precision=args.precision,
+            channels_last=args.channels_last, compile=args.compile, checkpointing=args.checkpointing,
+            optimizer=args.optimizer, offload_optimizer=args.offload_optimizer,
         )
     except ValueError as e:
         parser.error(str(e))

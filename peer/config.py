@@ -48,6 +48,13 @@ class PeerConfig:
     data_root: Optional[str] = None  # read leased shards from this copy of the dataset instead of the plan's root
     labels: Optional[str] = None  # labels dataset (id -> label) overriding the caption classifier
     init_from: Optional[str] = None  # start from this checkpoint (DIR[@step-N] or ORG/REPO[@REVISION])
+    # The local step on the accelerator (peer/accel.py): none of these changes what the swarm computes.
+    precision: str = "auto"  # auto: bf16 where supported, else fp16 with hivemind's GradScaler; fp32 on the CPU
+    channels_last: Optional[bool] = None  # None: on for CUDA
+    compile: bool = False
+    checkpointing: bool = False  # recompute each block's activations in backward
+    optimizer: str = "adamw"  # or adamw8bit (bitsandbytes)
+    offload_optimizer: bool = False  # hivemind keeps the optimizer (and its statistics) on the CPU
     exit_grace: float = 60.0  # seconds to wait, at --max-steps, for the coordinator to checkpoint our final step
 
     def __post_init__(self) -> None:
@@ -63,6 +70,8 @@ class PeerConfig:
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.lr > 0, "--lr must be positive"),
             (self.average_state_every >= 1, "--average-state-every must be >= 1"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision is auto, fp32, bf16 or fp16"),
+            (self.optimizer in ("adamw", "adamw8bit"), "--optimizer is adamw or adamw8bit"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device is auto, cpu or cuda[:N]"),
             (bool(self.run_id) and "." not in self.run_id, "--run-id must be a non-empty name without dots"),
         ]

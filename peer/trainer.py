@@ -31,6 +31,7 @@ from convforever.data import CATEGORIES, DataConfig, make_loader
 from convforever.model import create_model, param_groups
 from convforever.model.checkpoint import load_checkpoint, save_checkpoint
 
+from .accel import autocast, grad_scaler, optimizer_class, prepare_model, resolve_precision
 from .config import PeerConfig
 from .leases import CoordinatorShards, reachable_url
 from .report import ProgressWindow, format_progress
@@ -123,7 +124,19 @@ class Peer:
         self.model = create_model(config.model)
         if config.init_from:
             self._init_from(config.init_from)
-        self.model.to(self.device)
+        try:
+            self.precision = resolve_precision(config.precision, self.device)
+            optimizer_cls = optimizer_class(config.optimizer)
+        except ValueError:
+            self.dht.shutdown()
+            raise
+        channels_last = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
+        self.forward = prepare_model(self.model, self.device, channels_last=channels_last, compile=config.compile,
+                                     checkpointing=config.checkpointing)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.scaler = grad_scaler(self.precision)
+        logger.info(f"local step: {self.device}, {self.precision.name}, channels_last={channels_last}, "
+                    f"compile={config.compile}, checkpointing={config.checkpointing}, optimizer={config.optimizer}")
         self.counters = TrafficCounters()
         averaging = build_averaging_kwargs(config.compression, self.counters, list(self.model.parameters()))
         # hivemind warns (and can deadlock) when a matchmaking request may outlive matchmaking itself.
@@ -135,7 +148,8 @@ class Peer:
                 dht=self.dht,
                 run_id=config.run_id,
                 params=param_groups(self.model, config.weight_decay),
-                optimizer=partial(torch.optim.AdamW, lr=config.lr, betas=(0.9, 0.999)),
+                optimizer=partial(optimizer_cls, lr=config.lr, betas=(0.9, 0.999)),
+                offload_optimizer=config.offload_optimizer,
                 scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(warmup_factor, warmup_steps=config.warmup_steps)),
                 batch_size_per_step=config.batch_size,
                 target_batch_size=config.target_batch_size,
@@ -236,9 +250,13 @@ class Peer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.model.train()
-        loss = F.cross_entropy(self.model(images.to(self.device)), labels.to(self.device))
-        loss.backward()
-        self.opt.step()  # accumulates; every target_batch_size swarm samples it averages and steps
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        with autocast(self.precision, self.device):
+            loss = F.cross_entropy(self.forward(images), labels)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        # Accumulates; every target_batch_size swarm samples hivemind averages, (un)scales and steps.
+        self.opt.step(grad_scaler=self.scaler)
         self.opt.zero_grad()
         return loss.item()
 

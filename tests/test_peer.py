@@ -87,3 +87,49 @@ def test_ctrl_c_stops_a_training_peer_cleanly(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_precision_resolution_and_messages():
+    import torch
+
+    from convforever.peer.accel import optimizer_class, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).name == "fp32" and not resolve_precision("fp32", cpu).scaled
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_precision("bf16", cpu)
+    with pytest.raises(ValueError, match="--precision"):
+        resolve_precision("fp8", cpu)
+    assert optimizer_class("adamw") is torch.optim.AdamW
+    assert optimizer_class("adamw8bit").__name__ == "AdamW8bit"
+
+
+@pytest.mark.slow
+def test_lean_peer_trains_with_8bit_adamw_and_checkpointing(tmp_path):
+    """A solo peer through the real CLI with the memory-saving options: it steps, and its weights move."""
+    from convforever.data import write_demo_dataset
+    from convforever.model.checkpoint import load_checkpoint
+
+    write_demo_dataset(tmp_path / "data", train_rows=96, eval_rows=8, image_size=32, num_shards=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "convforever.peer.cli", "--run-id", "lean", "--data", str(tmp_path / "data" / "train"),
+         "--image-size", "32", "--batch-size", "8", "--target-batch-size", "16", "--max-steps", "2",
+         "--optimizer", "adamw8bit", "--checkpointing", "--channels-last", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+         "--threads", "1", "--num-workers", "0", "--exit-grace", "0", "--save-on-exit", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpointing=True, optimizer=adamw8bit" in result.stderr and "channels_last=True" in result.stderr
+    model, meta = load_checkpoint(tmp_path / "out")
+    assert meta["step"] == 2
+    import torch
+
+    from convforever.model import ModelConfig, create_model
+    from convforever.peer.trainer import initial_seed
+
+    torch.manual_seed(initial_seed("lean"))
+    start = create_model(ModelConfig())
+    moved = sum((a - b).abs().sum().item() for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+    assert moved > 0
+    wrong = subprocess.run([sys.executable, "-m", "convforever.peer.cli", "--run-id", "x", "--data", str(tmp_path / "data"),
+                            "--precision", "bf16", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "needs a CUDA device" in wrong.stderr and "Traceback" not in wrong.stderr
