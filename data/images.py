@@ -11,6 +11,7 @@ import math
 import random
 import struct
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -114,13 +115,20 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def train_transform(image: Image.Image, size: int, rng: random.Random,
-                    scale: tuple[float, float] = (0.08, 1.0)) -> torch.Tensor:
-    """Random resized crop + horizontal flip -> uint8 (3, size, size)."""
+                    scale: tuple[float, float] = (0.08, 1.0),
+                    augment: Callable[[Image.Image, random.Random], Image.Image] | None = None) -> torch.Tensor:
+    """Random resized crop + horizontal flip [+ ``augment``] -> uint8 (3, size, size).
+
+    ``augment`` (e.g. ``augment.RandAugment``) runs on the cropped, flipped PIL image with the same ``rng``,
+    as timm orders its train transforms; it must keep the size and RGB mode.
+    """
     box = random_crop_box(image.width, image.height, rng, scale)
     # Crop and resize in one resampling pass (Pillow's ``box``), rather than crop() then resize().
     out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
     if rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if augment is not None:
+        out = augment(out, rng)
     return to_uint8_tensor(out)
 
 

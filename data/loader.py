@@ -23,6 +23,7 @@ from typing import Protocol, TypedDict
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .augment import RandAugment, parse_randaugment
 from .fetch import FetchConfig, fetch_images
 from .images import (
     UnusableImage,
@@ -50,6 +51,10 @@ class DataConfig:
     decoding; raise it only if workers have memory for ``3 * max_image_pixels`` bytes each.
     ``labels``: a labels dataset (``id`` -> ``label``, e.g. from ``convforever-label``) that overrides the
     caption classifier for the ids it lists.
+    ``randaugment``: a RandAugment string (``rand-m9-mstd0.5``, see ``augment.parse_randaugment``) applied
+    in the workers after crop + flip when training; None: off. Off by default here so that plain loaders
+    (evaluation, benchmarks, tests) stay crop + flip; the recipe's value is ``AugmentConfig().randaugment``,
+    which the trainer passes on. The batch-level augmentations are not the loader's: see ``augment.py``.
     """
 
     files: str | list[str] = ""
@@ -64,6 +69,7 @@ class DataConfig:
     num_classes: int = NUM_CLASSES  # integer label cells must be below this (ImageNet-style data: 1000)
     shard_rows: int = 20_000  # local plans only: rows per shard
     labels: str | None = None
+    randaugment: str | None = None
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
     def __post_init__(self) -> None:
@@ -79,6 +85,8 @@ class DataConfig:
             raise ValueError(f"min_crop_scale={self.min_crop_scale}: must be in (0, 1]")
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels={self.max_image_pixels}: must be positive")
+        if self.randaugment is not None:
+            parse_randaugment(self.randaugment)  # a bad string fails here, not inside a worker
 
 
 @dataclass
@@ -222,6 +230,7 @@ class _Worker:
         self.passes = 0
         self.min_side = decode_min_side(config.image_size, config.train, config.min_crop_scale)
         self.label_map = _load_label_map(config.labels)
+        self.randaugment = RandAugment(config.randaugment) if config.train and config.randaugment else None
         self.open: list[_Tally] = []
 
     def batches(self) -> Iterator[_WorkerBatch]:
@@ -320,7 +329,8 @@ class _Worker:
             self._skip(tally, error.reason, row_id, str(error))
         else:
             if cfg.train:
-                tensor = train_transform(image, cfg.image_size, self.rng, scale=(cfg.min_crop_scale, 1.0))
+                tensor = train_transform(image, cfg.image_size, self.rng, scale=(cfg.min_crop_scale, 1.0),
+                                         augment=self.randaugment)
             else:
                 tensor = eval_transform(image, cfg.image_size)
             tally.used += 1

@@ -11,6 +11,7 @@ mlp.fc1, mlp.grn, mlp.fc2}``, ``head.{norm,fc}``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,46 @@ from .config import ModelConfig
 from .layers import DropPath, LayerNorm, LayerNorm2d, Mlp
 
 logger = logging.getLogger(__name__)
+
+# How ``set_grad_checkpointing`` recomputes a stage (see ``checkpoint_blocks``); "auto" picks per stage.
+CHECKPOINT_SCHEMES = ("auto", "block", "nested")
+# "auto" nests from this many blocks in a stage on: below it, the block inputs that per-block checkpointing keeps
+# are small next to the working set of one recomputed block, and nesting's extra forward pass would cost more
+# than it saves. Every timm preset (at most 27 blocks a stage) stays per-block; --depth 128 and up nests.
+NESTED_MIN_BLOCKS = 32
+
+
+def _run_checkpointed(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False)
+    return x
+
+
+def checkpoint_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, scheme: str = "auto") -> torch.Tensor:
+    """Run ``blocks`` in order with their activations recomputed in backward; the memory/compute trade-off:
+
+    - ``block``: checkpoint every block. Backward keeps one input per block (N of them, each B×C×H×W) plus the
+      full activations of the one block being recomputed (~12 such tensors for ConvNeXt's 4× MLP): memory
+      still grows linearly with depth, at ~1/12 of the slope without checkpointing. Costs one extra forward.
+    - ``nested``: checkpoint segments of ceil(sqrt(N)) blocks, and inside a segment every block again. Forward
+      keeps only the segment inputs (~sqrt(N)); backward recomputes one segment at a time, keeping its ~sqrt(N)
+      block inputs plus one block's activations: ~2·sqrt(N) + 12 tensors instead of N + 12. Costs two extra
+      forwards (segment, then block) instead of one: about 25% more step time than ``block``.
+    - ``auto``: ``nested`` for stages of at least ``NESTED_MIN_BLOCKS`` blocks, ``block`` below.
+
+    Non-reentrant checkpointing (nesting supported) stashes and restores the RNG state at each checkpoint, so
+    drop path draws the same masks on recompute and the gradients equal those without checkpointing.
+    """
+    if scheme not in CHECKPOINT_SCHEMES:
+        raise ValueError(f"checkpointing scheme {scheme!r}: choose one of {', '.join(CHECKPOINT_SCHEMES)}")
+    blocks = list(blocks)
+    n = len(blocks)
+    if scheme == "block" or (scheme == "auto" and n < NESTED_MIN_BLOCKS) or n < 2:
+        return _run_checkpointed(blocks, x)
+    size = math.ceil(math.sqrt(n))
+    for start in range(0, n, size):
+        x = checkpoint(_run_checkpointed, blocks[start : start + size], x, use_reentrant=False)
+    return x
 
 
 class Stem(nn.Sequential):
@@ -85,8 +126,9 @@ class ConvNeXtBlock(nn.Module):
 class ConvNeXtStage(nn.Module):
     """Optional downsample, then ``depth`` blocks at one resolution.
 
-    ``grad_checkpointing`` is per stage (switched for all by ``ConvNeXt.set_grad_checkpointing``):
-    each block's activations are recomputed in backward, trading ~30% more compute for memory.
+    ``grad_checkpointing`` is per stage (switched for all by ``ConvNeXt.set_grad_checkpointing``): block
+    activations are recomputed in backward, trading compute for memory; ``checkpoint_scheme`` says how
+    (``checkpoint_blocks``).
     """
 
     def __init__(
@@ -103,6 +145,7 @@ class ConvNeXtStage(nn.Module):
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
+        self.checkpoint_scheme = "auto"
         self.downsample = Downsample(in_chs, out_chs) if downsample else nn.Identity()
         self.blocks = nn.Sequential(
             *(
@@ -120,10 +163,7 @@ class ConvNeXtStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            # Non-reentrant checkpointing restores the RNG state, so drop path draws the same mask on recompute.
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
+            return checkpoint_blocks(self.blocks, x, self.checkpoint_scheme)
         return self.blocks(x)
 
 
@@ -206,10 +246,18 @@ class ConvNeXt(nn.Module):
                         module.weight.mul_(head_init_scale)
                         module.bias.mul_(head_init_scale)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in backward to fit larger batches or deeper models in memory."""
+    def set_grad_checkpointing(self, enable: bool = True, scheme: str = "auto") -> None:
+        """Recompute block activations in backward to fit larger batches or deeper models in memory.
+
+        ``scheme`` (``checkpoint_blocks``): ``"block"`` checkpoints each block (memory still linear in depth),
+        ``"nested"`` segments of ~sqrt(N) blocks and each block inside (~sqrt(N) memory, one more forward),
+        ``"auto"`` nests only stages of ``NESTED_MIN_BLOCKS`` blocks or more. timm's signature is the first argument.
+        """
+        if scheme not in CHECKPOINT_SCHEMES:
+            raise ValueError(f"checkpointing scheme {scheme!r}: choose one of {', '.join(CHECKPOINT_SCHEMES)}")
         for stage in self.stages:
             stage.grad_checkpointing = enable
+            stage.checkpoint_scheme = scheme
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

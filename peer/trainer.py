@@ -8,6 +8,7 @@ every peer, so the global step (hivemind's "epoch") advances in lock-step across
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -264,9 +265,14 @@ class Peer:
         return self.config.max_steps is not None and self.opt.local_epoch >= self.config.max_steps
 
     def run(self, stop: threading.Event) -> None:
+        # The first batch before anything else: a peer whose data pipeline is still starting (worker processes,
+        # a first shard from the Hub) would otherwise announce itself, let the others reach the target batch
+        # alone, and spend its first steps re-downloading the state they made without it.
+        batches = iter(self.loader)
+        first = next(batches)
         self.join(stop)
         last_report = time.monotonic()
-        for batch in self.loader:
+        for batch in itertools.chain([first], batches):
             if stop.is_set() or self.finished():
                 break
             loss = self.train_step(batch.images, batch.labels)
