@@ -10,6 +10,7 @@ from pathlib import Path
 
 from convforever.compression import MODES, CompressionConfig
 from convforever.coordinator.process import install_stop_handlers, setup_logging
+from convforever.data.augment import AugmentConfig
 from convforever.model import MODEL_NAMES, ModelConfig
 
 from .config import PeerConfig
@@ -45,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adamw8bit keeps AdamW's statistics in 8 bits (bitsandbytes)")
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep the optimizer and its statistics on the CPU (hivemind's offload): saves GPU memory")
+    aug = AugmentConfig()
+    p.add_argument("--aa", default=aug.randaugment, metavar="SPEC",
+                   help="RandAugment in timm's notation, e.g. rand-m9-mstd0.5 (default); 'none' turns it off")
+    p.add_argument("--reprob", type=float, default=aug.random_erasing, help="random erasing probability (0: off)")
+    p.add_argument("--mixup", type=float, default=aug.mixup, help="Mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=aug.cutmix, help="CutMix alpha (0: off)")
+    p.add_argument("--mixup-prob", type=float, default=aug.mix_prob, help="chance a batch is mixed at all")
+    p.add_argument("--mixup-switch-prob", type=float, default=aug.mix_switch_prob,
+                   help="chance of CutMix instead of Mixup when both are on")
+    p.add_argument("--smoothing", type=float, default=aug.label_smoothing, help="label smoothing")
+    p.add_argument("--no-augment", action="store_true",
+                   help="turn all of the above off (crop + flip, hard labels): for short runs and small images")
     p.add_argument("--labels", metavar="PATH_OR_REPO",
                    help="labels dataset (id, label) from convforever-label; overrides the caption classifier")
     p.add_argument("--model", default=ModelConfig().name, help="one of: " + ", ".join(MODEL_NAMES) + " (or atto..base)")
@@ -88,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
+        augment = AugmentConfig.off() if args.no_augment else AugmentConfig(
+            randaugment=None if args.aa.lower() == "none" else args.aa, random_erasing=args.reprob, mixup=args.mixup,
+            cutmix=args.cutmix, mix_prob=args.mixup_prob, mix_switch_prob=args.mixup_switch_prob,
+            label_smoothing=args.smoothing)
         return PeerConfig(
             run_id=args.run_id, data=args.data, initial_peers=args.initial_peers,
             model=ModelConfig(name=args.model, depth=args.depth, num_classes=args.num_classes),
@@ -101,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             save_on_exit=args.save_on_exit, exit_grace=args.exit_grace, coordinator_url=args.coordinator,
             data_root=args.data_root, labels=args.labels, init_from=args.init_from, precision=args.precision,
             channels_last=args.channels_last, compile=args.compile, checkpointing=args.checkpointing,
-            optimizer=args.optimizer, offload_optimizer=args.offload_optimizer,
+            optimizer=args.optimizer, offload_optimizer=args.offload_optimizer, augment=augment,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -8,6 +8,7 @@ from typing import Optional
 
 from convforever.compression import CompressionConfig
 from convforever.data import CATEGORIES
+from convforever.data.augment import AugmentConfig
 from convforever.model import ModelConfig
 
 
@@ -48,6 +49,8 @@ class PeerConfig:
     data_root: Optional[str] = None  # read leased shards from this copy of the dataset instead of the plan's root
     labels: Optional[str] = None  # labels dataset (id -> label) overriding the caption classifier
     init_from: Optional[str] = None  # start from this checkpoint (DIR[@step-N] or ORG/REPO[@REVISION])
+    # The ConvNeXt recipe's augmentation and targets (data/augment.py); AugmentConfig.off() for short CPU runs.
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     # The local step on the accelerator (peer/accel.py): none of these changes what the swarm computes.
     precision: str = "auto"  # auto: bf16 where supported, else fp16 with hivemind's GradScaler; fp32 on the CPU
     channels_last: Optional[bool] = None  # None: on for CUDA

@@ -114,6 +114,7 @@ def run(config: SwarmConfig) -> dict:
                 "--lr", str(config.lr), "--compression", config.compression, "--warmup-steps", "3",
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--min-peers", str(config.peers),
                 "--threads", str(max(1, (os.cpu_count() or 1) // config.peers)),
+                "--no-augment",  # the ConvNeXt recipe (RandAugment, Mixup/CutMix, ...) is for long runs, not a few steps
             ]))
         while any(p.popen.poll() is None for p in peers):
             failed = [p.name for p in peers if p.popen.poll() not in (None, 0)]

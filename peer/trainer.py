@@ -21,7 +21,6 @@ from typing import Optional
 
 import hivemind
 import torch
-import torch.nn.functional as F
 from hivemind.p2p import P2PDaemonError
 from hivemind.utils import get_dht_time
 
@@ -29,6 +28,7 @@ from convforever.compression import TrafficCounters, TrafficSnapshot, build_aver
 from convforever.coordinator.process import keep_signal_handlers
 from convforever.coordinator.protocol import METRICS_TTL, MODEL_TTL, ModelInfo, PeerMetrics, RunRecords
 from convforever.data import CATEGORIES, DataConfig, make_loader
+from convforever.data.augment import augment_batch, augment_loss
 from convforever.model import create_model, param_groups
 from convforever.model.checkpoint import load_checkpoint, save_checkpoint
 
@@ -116,7 +116,7 @@ class Peer:
             self.loader = make_loader(DataConfig(
                 files=config.data or "", image_size=config.image_size, batch_size=config.batch_size,
                 train=True, num_workers=config.num_workers, seed=data_seed, num_classes=config.model.num_classes,
-                labels=config.labels,
+                labels=config.labels, randaugment=config.augment.randaugment,
             ), self.source)
         except BaseException:
             self.dht.shutdown()
@@ -136,6 +136,8 @@ class Peer:
                                      checkpointing=config.checkpointing)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.scaler = grad_scaler(self.precision)
+        # Erasing and mixing draw from their own generator, seeded like the data order (peers differ, runs repeat).
+        self.augment_rng = torch.Generator(device=self.device).manual_seed(data_seed)
         logger.info(f"local step: {self.device}, {self.precision.name}, channels_last={channels_last}, "
                     f"compile={config.compile}, checkpointing={config.checkpointing}, optimizer={config.optimizer}")
         self.counters = TrafficCounters()
@@ -253,8 +255,9 @@ class Peer:
         self.model.train()
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
+        images, targets = augment_batch(images, labels, self.config.model.num_classes, self.augment_rng, self.config.augment)
         with autocast(self.precision, self.device):
-            loss = F.cross_entropy(self.forward(images), labels)
+            loss = augment_loss(self.forward(images), targets, self.config.augment)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         # Accumulates; every target_batch_size swarm samples hivemind averages, (un)scales and steps.
         self.opt.step(grad_scaler=self.scaler)

@@ -78,6 +78,7 @@ def run_swarm(work: Path, hub: HubServer):
                 "--max-steps", str(MAX_STEPS), "--lr", "2e-3", "--warmup-steps", "1", "--matchmaking-time", "5",
                 "--report-every", "1", "--num-workers", "0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                 "--save-on-exit", str(work / f"peer{i}"), "--exit-grace", "60", "--min-peers", "2", "--threads", "1",
+                "--no-augment",  # the ConvNeXt recipe (RandAugment, Mixup/CutMix, ...) is for long runs, not a few steps
             ], work / f"peer{i}.log"))
         codes = [p.wait(timeout=400) for p in peers]
         # The run's page, while the coordinator still serves the peers' last records.

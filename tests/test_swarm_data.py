@@ -102,6 +102,7 @@ def run(tmp_path_factory):
                 "--depth", "4", "--image-size", "32", "--batch-size", "8", "--target-batch-size", "64",
                 "--matchmaking-time", "2", "--averaging-timeout", "10", "--report-every", "1", "--num-workers", "1",
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--min-peers", "2",
+                "--no-augment",  # the ConvNeXt recipe (RandAugment, Mixup/CutMix, ...) is for long runs, not a few steps
             ], work / f"peer{i}.log"))
         logs = [work / f"peer{i}.log" for i in range(2)]
         ids = wait_until(lambda: all(peer_id(log) for log in logs) and [peer_id(log) for log in logs], 120,
