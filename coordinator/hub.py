@@ -140,7 +140,8 @@ class HubPublisher:
             self.api.create_repo(self.config.repo_id, repo_type="model", private=self.config.private, exist_ok=True)
             self._repo_ready = True
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(upload.step_dir / name))
-                      for name in ("model.safetensors", "config.json")]
+                      for name in ("model.safetensors", "model_ema.safetensors", "config.json")
+                      if (upload.step_dir / name).is_file()]
         operations += [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=upload.card.encode()),
                        CommitOperationAdd(path_in_repo="loss.png", path_or_fileobj=upload.curve_png)]
         loss = f"{upload.loss:.4f}" if math.isfinite(upload.loss) else "n/a"

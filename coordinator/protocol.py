@@ -66,6 +66,7 @@ class ModelInfo(pydantic.BaseModel):
     image_size: pydantic.conint(ge=8, strict=True)
     class_names: List[pydantic.StrictStr]
     compression: Optional[pydantic.StrictStr] = None  # e.g. "powersgd-8bit rank 4", for the model card
+    ema: pydantic.StrictBool = False  # peers share an EMA of the weights after their parameters in the state
 
 
 class CheckpointInfo(pydantic.BaseModel):

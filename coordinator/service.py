@@ -243,7 +243,7 @@ class Coordinator:
 
     def checkpoint(self, min_step: int, metrics: list[PeerMetrics]) -> Optional[Path]:
         assert self.fetcher is not None and self.model_info is not None
-        fetched = self.fetcher.fetch(min_step=min_step)
+        fetched = self.fetcher.fetch(min_step=min_step, with_ema=self.model_info.ema)
         if fetched is None:
             return None
         loss = mean_loss(metrics)
@@ -256,7 +256,8 @@ class Coordinator:
             "peers": len(metrics),
             "time": time.time(),
         }
-        path = save_checkpoint(self.config.checkpoint_dir, fetched.step, fetched.state_dict, meta)
+        path = save_checkpoint(self.config.checkpoint_dir, fetched.step, fetched.state_dict, meta,
+                               ema_state_dict=fetched.ema_state_dict)
         self.last_saved, self.last_path = fetched.step, str(path)
         logger.info(f"saved checkpoint {path} (loss {loss:.4f})")
         if self.hub is not None:  # only a fresh, verified state gets here: the fetcher refused stale ones

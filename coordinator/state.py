@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 class FetchedState:
     step: int
     state_dict: dict[str, torch.Tensor]
+    ema_state_dict: Optional[dict[str, torch.Tensor]] = None  # the swarm's EMA, when peers share one
 
 
 class StateDownloader(DecentralizedAverager):
@@ -64,7 +65,7 @@ class StateFetcher:
                 start=True,
             )
 
-    def fetch(self, min_step: int) -> Optional[FetchedState]:
+    def fetch(self, min_step: int, with_ema: bool = False) -> Optional[FetchedState]:
         """Return the state if a peer served one at step >= `min_step`, else None (and say why)."""
         try:
             loaded = self.averager.load_state_from_peers(timeout=self.timeout)
@@ -80,19 +81,29 @@ class StateFetcher:
         if not isinstance(step, int) or step < min_step:
             logger.warning(f"refusing stale state: a peer served step {step}, we need at least {min_step}; will retry")
             return None
-        if len(tensors) < len(self.names):
-            logger.warning(f"a peer served {len(tensors)} tensors, the model has {len(self.names)} parameters")
+        # Peers serve their parameters, then (with --ema) the EMA of the same parameters, then optimizer state.
+        needed = len(self.names) * (2 if with_ema else 1)
+        if len(tensors) < needed:
+            logger.warning(f"a peer served {len(tensors)} tensors, we need {needed} for {len(self.names)} parameters"
+                           + (" and their EMA" if with_ema else ""))
             return None
+        state_dict = self._named(tensors[: len(self.names)], "")
+        ema = self._named(tensors[len(self.names): needed], "EMA ") if with_ema else None
+        if state_dict is None or (with_ema and ema is None):
+            return None
+        return FetchedState(step=step, state_dict=state_dict, ema_state_dict=ema)
+
+    def _named(self, tensors, what: str) -> Optional[dict[str, torch.Tensor]]:
         state_dict = {}
         for name, shape, tensor in zip(self.names, self.shapes, tensors):
             if tensor.shape != shape:
-                logger.warning(f"a peer served {name} with shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+                logger.warning(f"a peer served {what}{name} with shape {tuple(tensor.shape)}, expected {tuple(shape)}")
                 return None
             if not torch.isfinite(tensor).all():
-                logger.warning(f"a peer served non-finite values in {name}; not checkpointing this state")
+                logger.warning(f"a peer served non-finite values in {what}{name}; not checkpointing this state")
                 return None
             state_dict[name] = tensor.float()
-        return FetchedState(step=step, state_dict=state_dict)
+        return state_dict
 
     def shutdown(self) -> None:
         self.averager.shutdown()

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from . import ConvNeXt, ModelConfig, create_model
 
 WEIGHTS_NAME = "model.safetensors"
+EMA_WEIGHTS_NAME = "model_ema.safetensors"  # the EMA of the weights, when the run keeps one
 CONFIG_NAME = "config.json"
 LATEST_NAME = "latest"
 FORMAT_VERSION = 2  # 1: our record at the top level of config.json (still read); 2: timm's layout
@@ -75,7 +76,7 @@ def timm_config(config: ModelConfig, image_size: int, class_names: list[str], pr
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
-                    prep: Preprocessing | None = None) -> Path:
+                    prep: Preprocessing | None = None, ema_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``root/step-{step}`` atomically and point ``root/latest`` at it; returns the step folder.
 
     `meta` must hold at least ``model`` (a `ModelConfig.to_dict()`), ``image_size`` and ``class_names``;
@@ -89,6 +90,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, state_dict: dict[str, to
     try:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if ema_state_dict is not None:
+            ema = {name: t.detach().to("cpu").contiguous() for name, t in ema_state_dict.items()}
+            save_file(ema, str(tmp / EMA_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(checkpoint_config(step, meta, prep), indent=2))
         if final.exists():  # the same step saved twice (e.g. after a restart): the newer state wins
             shutil.rmtree(final)
@@ -150,7 +154,8 @@ def fetch_checkpoint(spec: str | os.PathLike) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        local = snapshot_download(base, revision=revision or None, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME])
+        local = snapshot_download(base, revision=revision or None,
+                                  allow_patterns=[WEIGHTS_NAME, EMA_WEIGHTS_NAME, CONFIG_NAME])
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"the Hub has no model repository {base!r} (or it is private: set HF_TOKEN)") from None
     except RevisionNotFoundError:
@@ -160,13 +165,16 @@ def fetch_checkpoint(spec: str | os.PathLike) -> Path:
     return resolve_checkpoint(local)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[ConvNeXt, dict[str, Any]]:
-    """Build the model a checkpoint describes and load its weights; returns (model, config).
+def load_checkpoint(path: str | os.PathLike, ema: bool = False) -> tuple[ConvNeXt, dict[str, Any]]:
+    """Build the model a checkpoint describes and load its weights (or, with ``ema``, their EMA).
 
     ``path`` is anything `fetch_checkpoint` accepts: a local folder or a Hub repository, with a revision.
     """
     step_dir = fetch_checkpoint(path)
     config = read_config(step_dir)
     model = create_model(ModelConfig.from_dict(config["model"]))
-    model.load_state_dict(load_file(str(step_dir / WEIGHTS_NAME)), strict=True)
+    weights = step_dir / (EMA_WEIGHTS_NAME if ema else WEIGHTS_NAME)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{step_dir} has no {weights.name}" + (" (the run kept no EMA)" if ema else ""))
+    model.load_state_dict(load_file(str(weights)), strict=True)
     return model, config

@@ -14,6 +14,7 @@ from convforever.data.augment import AugmentConfig
 from convforever.model import MODEL_NAMES, ModelConfig
 
 from .config import PeerConfig
+from .recipe import add_recipe_arguments, recipe_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="leave after this many global steps")
     p.add_argument("--min-peers", type=int, default=d.min_peers,
                    help="wait until this many training peers (this one included) are online before training")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--lr", type=float, default=d.recipe.lr, help="peak learning rate (after warm-up)")
+    p.add_argument("--weight-decay", type=float, default=d.recipe.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.recipe.warmup_steps, help="global steps of linear warm-up")
+    add_recipe_arguments(p)
     p.add_argument("--matchmaking-time", type=float, default=d.matchmaking_time,
                    help="seconds to gather peers for an all-reduce; raise it on slow links")
     p.add_argument("--averaging-timeout", type=float, default=d.averaging_timeout)
@@ -110,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             model=ModelConfig(name=args.model, depth=args.depth, num_classes=args.num_classes),
             compression=CompressionConfig(mode=args.compression, rank=args.rank),
             image_size=args.image_size, batch_size=args.batch_size, target_batch_size=args.target_batch_size,
-            device=args.device, max_steps=args.max_steps, min_peers=args.min_peers, lr=args.lr, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps, matchmaking_time=args.matchmaking_time,
+            device=args.device, max_steps=args.max_steps, min_peers=args.min_peers, recipe=recipe_from_args(args),
+            matchmaking_time=args.matchmaking_time,
             averaging_timeout=args.averaging_timeout, average_state_every=args.average_state_every,
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, client_mode=args.client_mode,
             num_workers=args.num_workers, threads=args.threads, seed=args.seed, report_every=args.report_every,

@@ -11,6 +11,8 @@ from convforever.data import CATEGORIES
 from convforever.data.augment import AugmentConfig
 from convforever.model import ModelConfig
 
+from .recipe import RecipeConfig
+
 
 @dataclass
 class PeerConfig:
@@ -25,9 +27,8 @@ class PeerConfig:
     device: str = "auto"
     max_steps: Optional[int] = None  # leave after this many global steps
     min_peers: int = 1  # training peers (us included) to wait for before the first step
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 10  # global steps of linear learning-rate warm-up
+    # How the swarm optimises (lr schedule, clipping, EMA, curricula): peer/recipe.py; every peer must agree.
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     # hivemind timing. Matchmaking must be long enough for every peer's "I am ready" to reach the
     # others over the DHT, or peers average alone, fall out of step and re-download the state.
     matchmaking_time: float = 5.0
@@ -70,8 +71,8 @@ class PeerConfig:
             (self.min_peers >= 1, "--min-peers must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.model.num_classes >= len(CATEGORIES), f"--num-classes must be >= {len(CATEGORIES)}, the caption categories"),
-            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.lr > 0, "--lr must be positive"),
+            (not (self.offload_optimizer and self.recipe.ema and self.recipe.ema_device != "cpu"),
+             "--ema-device must be cpu with --offload-optimizer"),
             (self.average_state_every >= 1, "--average-state-every must be >= 1"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision is auto, fp32, bf16 or fp16"),
             (self.optimizer in ("adamw", "adamw8bit"), "--optimizer is adamw or adamw8bit"),

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--data", help="parquet/jsonl file, directory, glob or ImageFolder to score top-1/top-5 on")
     target.add_argument("--image", help="print the top-5 categories of this image file")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA of the weights (model_ema.safetensors)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--image-size", type=int, help="default: the size the checkpoint was trained at")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
-        model, config = load_checkpoint(args.checkpoint)
+        model, config = load_checkpoint(args.checkpoint, ema=args.ema)
         if args.image:
             image_size = args.image_size or config["image_size"]
             for rank, (name, prob) in enumerate(classify_image(model, args.image, image_size, config["class_names"],

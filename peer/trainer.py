@@ -29,12 +29,13 @@ from convforever.coordinator.process import keep_signal_handlers
 from convforever.coordinator.protocol import METRICS_TTL, MODEL_TTL, ModelInfo, PeerMetrics, RunRecords
 from convforever.data import CATEGORIES, DataConfig, make_loader
 from convforever.data.augment import augment_batch, augment_loss
-from convforever.model import create_model, param_groups
+from convforever.model import create_model, flat_parameter_names
 from convforever.model.checkpoint import load_checkpoint, save_checkpoint
 
 from .accel import autocast, grad_scaler, optimizer_class, prepare_model, resolve_precision
 from .config import PeerConfig
 from .leases import CoordinatorShards, reachable_url
+from .recipe import WeightEMA, blur_batch, build_optimizer_setup
 from .report import ProgressWindow, format_progress
 
 logger = logging.getLogger(__name__)
@@ -80,11 +81,6 @@ def resolve_device(name: str) -> torch.device:
 def initial_seed(run_id: str) -> int:
     """Every peer of a run starts from the same weights, so peers that start at once already agree."""
     return zlib.crc32(run_id.encode())
-
-
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up keyed to the global step, which hivemind feeds to the scheduler once per epoch."""
-    return min(1.0, (step + 1) / max(warmup_steps, 1))
 
 
 class Peer:
@@ -138,6 +134,10 @@ class Peer:
         self.scaler = grad_scaler(self.precision)
         # Erasing and mixing draw from their own generator, seeded like the data order (peers differ, runs repeat).
         self.augment_rng = torch.Generator(device=self.device).manual_seed(data_seed)
+        recipe = config.recipe
+        setup = build_optimizer_setup(self.model, recipe, optimizer_cls)
+        self.ema = WeightEMA(self.model, recipe.ema_decay, recipe.ema_warmup, recipe.ema_device,
+                             reset_on_jump=False) if recipe.ema else None
         logger.info(f"local step: {self.device}, {self.precision.name}, channels_last={channels_last}, "
                     f"compile={config.compile}, checkpointing={config.checkpointing}, optimizer={config.optimizer}")
         self.counters = TrafficCounters()
@@ -150,10 +150,14 @@ class Peer:
             self.opt = SwarmOptimizer(
                 dht=self.dht,
                 run_id=config.run_id,
-                params=param_groups(self.model, config.weight_decay),
-                optimizer=partial(optimizer_cls, lr=config.lr, betas=(0.9, 0.999)),
+                params=setup.params,
+                optimizer=setup.optimizer,
+                scheduler=setup.scheduler,
+                # The EMA travels with the state: joiners download the swarm's, the coordinator checkpoints it.
+                extra_tensors=self.ema.flat_tensors(flat_parameter_names(self.model)) if self.ema else (),
                 offload_optimizer=config.offload_optimizer,
-                scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(warmup_factor, warmup_steps=config.warmup_steps)),
+                # hivemind's GradScaler unscales only the .grad buffers; with fp16 they must be the accumulators.
+                reuse_grad_buffers=self.precision.scaled,
                 batch_size_per_step=config.batch_size,
                 target_batch_size=config.target_batch_size,
                 matchmaking_time=config.matchmaking_time,
@@ -174,6 +178,7 @@ class Peer:
             image_size=config.image_size, class_names=list(CATEGORIES[: config.model.num_classes]),
             compression=f"{config.compression.mode} rank {config.compression.rank}"
             if config.compression.mode.startswith("powersgd") else config.compression.mode,
+            ema=config.recipe.ema,
         )
 
     def _lease_source(self, wait: float = 30.0) -> CoordinatorShards:
@@ -253,15 +258,21 @@ class Peer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.model.train()
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
+        if self.config.recipe.blur_steps:  # the blur curriculum, keyed to the global step like every schedule
+            images = blur_batch(images, self.opt.local_epoch, self.config.recipe, self.augment_rng)
+        images = images.contiguous(memory_format=self.memory_format)
         images, targets = augment_batch(images, labels, self.config.model.num_classes, self.augment_rng, self.config.augment)
         with autocast(self.precision, self.device):
             loss = augment_loss(self.forward(images), targets, self.config.augment)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         # Accumulates; every target_batch_size swarm samples hivemind averages, (un)scales and steps.
         self.opt.step(grad_scaler=self.scaler)
-        self.opt.zero_grad()
+        if not self.precision.scaled:  # with reuse_grad_buffers hivemind resets the .grad buffers itself
+            self.opt.zero_grad()
+        if self.ema is not None:
+            self.ema.on_global_step(self.model, self.opt.local_epoch)
         return loss.item()
 
     def finished(self) -> bool:

@@ -11,12 +11,12 @@ import pytest
 from convforever.compression import TrafficSnapshot
 from convforever.peer.cli import parse_args
 from convforever.peer.report import ProgressWindow, format_progress, human_bytes
-from convforever.peer.trainer import warmup_factor
+from convforever.peer.recipe import lr_factor
 
 
 def test_warmup_is_linear_in_the_global_step():
-    assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert warmup_factor(0, 0) == 1.0
+    assert [lr_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(0, 0) == 1.0
 
 
 def test_human_bytes():
