@@ -69,6 +69,7 @@ class DataConfig:
     num_classes: int = NUM_CLASSES  # integer label cells must be below this (ImageNet-style data: 1000)
     shard_rows: int = 20_000  # local plans only: rows per shard
     labels: str | None = None
+    pin_memory: bool = False  # pin batches in page-locked memory (set when training on CUDA)
     randaugment: str | None = None
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -498,7 +499,10 @@ def _assemble(loader: Iterable[_WorkerBatch], config: DataConfig, active_workers
             continue
         if pending is not None:
             yield pending
-        pending = Batch(images=normalize(item["images"]), labels=item["labels"], skipped=dict(skipped),
+        images = normalize(item["images"])
+        if config.pin_memory:  # page-locked, so the copy to the GPU can overlap the previous step
+            images = images.pin_memory()
+        pending = Batch(images=images, labels=item["labels"], skipped=dict(skipped),
                         passes=min(worker_passes.values(), default=item["passes"]))
         skipped = Counter()
     if pending is not None:
