@@ -67,6 +67,8 @@ class ModelInfo(pydantic.BaseModel):
     class_names: List[pydantic.StrictStr]
     compression: Optional[pydantic.StrictStr] = None  # e.g. "powersgd-8bit rank 4", for the model card
     ema: pydantic.StrictBool = False  # peers share an EMA of the weights after their parameters in the state
+    # short hash of the settings that shape the optimizer state and the averaging (peer/config.py recipe_hash)
+    recipe_hash: Optional[pydantic.StrictStr] = None
 
 
 class CheckpointInfo(pydantic.BaseModel):

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
                    help="multiaddrs printed by the coordinator (or any peer); none starts a new swarm")
     p.add_argument("--run-id", required=True, help="the run's name, the same on every peer and the coordinator")
+    p.add_argument("--role", choices=("train", "replica"), default=d.role,
+                   help="train: compute gradients (default); replica: follow every averaged step without data and "
+                        "serve the swarm's state to joining peers (needs the training peers' exact recipe flags)")
     p.add_argument("--data", help="train on these local files instead of the coordinator's shards: .parquet/.jsonl "
                    "file, directory or glob, or an ImageFolder (default: lease shards from the coordinator)")
     p.add_argument("--coordinator", metavar="URL",
@@ -120,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             save_on_exit=args.save_on_exit, exit_grace=args.exit_grace, coordinator_url=args.coordinator,
             data_root=args.data_root, labels=args.labels, init_from=args.init_from, precision=args.precision,
             channels_last=args.channels_last, compile=args.compile, checkpointing=args.checkpointing,
-            optimizer=args.optimizer, offload_optimizer=args.offload_optimizer, augment=augment,
+            optimizer=args.optimizer, offload_optimizer=args.offload_optimizer, augment=augment, role=args.role,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -130,7 +133,7 @@ def check_data(config: PeerConfig) -> None:
     """Fail on a wrong --data before joining the swarm, not after."""
     from convforever.data.shards import local_plan
 
-    if config.data is None:
+    if config.data is None or config.role == "replica":  # a replica reads no data
         return
     try:
         plan = local_plan(config.data)
@@ -147,6 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     logger.info(f"config: {json.dumps(config.to_dict())}")
     from .trainer import Peer, SwarmUnreachable  # heavy imports after argument errors have had their say
 
+    if config.role == "replica":
+        from .replica import run_replica
+
+        try:
+            run_replica(config, stop)
+        except (SwarmUnreachable, ValueError) as e:  # includes a recipe that differs from the swarm's
+            raise SystemExit(f"convforever-peer: error: {e}") from None
+        return
     try:
         peer = Peer(config)
     except (SwarmUnreachable, ValueError) as e:  # unreachable swarm, unusable data or device: say what to fix

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -59,6 +61,8 @@ class PeerConfig:
     checkpointing: bool = False  # recompute each block's activations in backward
     optimizer: str = "adamw"  # or adamw8bit (bitsandbytes)
     offload_optimizer: bool = False  # hivemind keeps the optimizer (and its statistics) on the CPU
+    # train: compute gradients on data; replica: follow every averaged step with weight 0 and serve the state
+    role: str = "train"
     exit_grace: float = 60.0  # seconds to wait, at --max-steps, for the coordinator to checkpoint our final step
 
     def __post_init__(self) -> None:
@@ -77,6 +81,7 @@ class PeerConfig:
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision is auto, fp32, bf16 or fp16"),
             (self.optimizer in ("adamw", "adamw8bit"), "--optimizer is adamw or adamw8bit"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device is auto, cpu or cuda[:N]"),
+            (self.role in ("train", "replica"), "--role is train or replica"),
             (bool(self.run_id) and "." not in self.run_id, "--run-id must be a non-empty name without dots"),
         ]
         for ok, message in checks:
@@ -85,3 +90,24 @@ class PeerConfig:
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def recipe_settings(config: PeerConfig) -> dict:
+    """The settings that shape the swarm's optimizer state and its averaging rounds: every peer must agree on them.
+
+    Local choices (threads, device, precision, data, batch size per step, reporting) are left out: peers that
+    differ only in those still compute the same steps.
+    """
+    recipe = asdict(config.recipe)
+    recipe.pop("ema_device")  # where the EMA lives, not what it holds
+    return {
+        "model": asdict(config.model), "recipe": recipe, "compression": asdict(config.compression),
+        "target_batch_size": config.target_batch_size, "average_state_every": config.average_state_every,
+        "optimizer": config.optimizer,
+    }
+
+
+def recipe_hash(config: PeerConfig) -> str:
+    """A short hash of `recipe_settings`, published in ModelInfo so a replica can check it follows the same recipe."""
+    blob = json.dumps(recipe_settings(config), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

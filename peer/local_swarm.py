@@ -1,4 +1,4 @@
-"""Run a whole swarm on this machine: demo data, a coordinator and N CPU peers, then evaluate.
+"""Run a whole swarm on this machine: demo data, a coordinator, a state replica and N CPU peers, then evaluate.
 
 This is `make demo`, and the same topology docker/compose.yml describes, as plain local
 processes on 127.0.0.1. Each process is the real CLI; their output is interleaved here with a
@@ -104,26 +104,33 @@ def run(config: SwarmConfig) -> dict:
         "--http-host", "127.0.0.1", "--http-port", "0",
     ])
     peers: list[Process] = []
+    replica: Optional[Process] = None
     try:
         initial_peers = wait_for_file(maddrs_file, coordinator, timeout=60).split()
+        peer_args = cli("convforever.peer.cli") + [
+            "--initial-peers", *initial_peers, "--run-id", config.run_id,
+            "--model", config.model, "--image-size", str(config.image_size), "--batch-size", str(config.batch_size),
+            "--target-batch-size", str(config.target_batch_size), "--max-steps", str(config.max_steps),
+            "--lr", str(config.lr), "--compression", config.compression, "--warmup-steps", "3",
+            "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--min-peers", str(config.peers),
+            "--threads", str(max(1, (os.cpu_count() or 1) // config.peers)),
+            "--no-augment",  # the ConvNeXt recipe (RandAugment, Mixup/CutMix, ...) is for long runs, not a few steps
+        ]
+        # A state replica next to the coordinator: it follows every step without training (so it does not count
+        # towards --min-peers) and serves the state to peers that join later, so they need not slow a trainer.
+        replica = Process("replica", peer_args + ["--role", "replica"])
         for i in range(config.peers):
-            peers.append(Process(f"peer-{i + 1}", cli("convforever.peer.cli") + [
-                "--initial-peers", *initial_peers, "--run-id", config.run_id,
-                "--model", config.model, "--image-size", str(config.image_size), "--batch-size", str(config.batch_size),
-                "--target-batch-size", str(config.target_batch_size), "--max-steps", str(config.max_steps),
-                "--lr", str(config.lr), "--compression", config.compression, "--warmup-steps", "3",
-                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--min-peers", str(config.peers),
-                "--threads", str(max(1, (os.cpu_count() or 1) // config.peers)),
-                "--no-augment",  # the ConvNeXt recipe (RandAugment, Mixup/CutMix, ...) is for long runs, not a few steps
-            ]))
+            peers.append(Process(f"peer-{i + 1}", peer_args))
         while any(p.popen.poll() is None for p in peers):
-            failed = [p.name for p in peers if p.popen.poll() not in (None, 0)]
+            failed = [p.name for p in [*peers, replica] if p.popen.poll() not in (None, 0)]
             if failed or coordinator.popen.poll() is not None:
                 raise RuntimeError(f"{', '.join(failed) or 'the coordinator'} stopped early; see the output above")
             time.sleep(0.5)
     finally:
         for p in peers:
             p.stop()
+        if replica is not None:
+            replica.stop()
         coordinator.stop()
     result = subprocess.run(
         cli("convforever.peer.evaluate") + ["--checkpoint", str(checkpoints), "--data", str(data / "eval")],

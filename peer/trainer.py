@@ -33,7 +33,7 @@ from convforever.model import create_model, flat_parameter_names
 from convforever.model.checkpoint import load_checkpoint, save_checkpoint
 
 from .accel import autocast, grad_scaler, optimizer_class, prepare_model, resolve_precision
-from .config import PeerConfig
+from .config import PeerConfig, recipe_hash
 from .leases import CoordinatorShards, reachable_url
 from .recipe import WeightEMA, blur_batch, build_optimizer_setup
 from .report import ProgressWindow, format_progress
@@ -84,6 +84,8 @@ def initial_seed(run_id: str) -> int:
 
 
 class Peer:
+    needs_data = True  # a training peer reads data (its own --data or the coordinator's shards); a replica does not
+
     def __init__(self, config: PeerConfig):
         self.config = config
         self.device = resolve_device(config.device)
@@ -106,17 +108,19 @@ class Peer:
                 "(its --maddrs-file), including the /p2p/... part."
             ) from None
         self.records = RunRecords(self.dht, config.run_id)
-        try:  # the data first: a wrong --data or an unreachable coordinator fails before the optimizer starts
-            data_seed = config.seed if config.seed is not None else int.from_bytes(self.dht.peer_id.to_bytes()[-4:], "big")
-            self.source = None if config.data is not None else self._lease_source()
-            self.loader = make_loader(DataConfig(
-                files=config.data or "", image_size=config.image_size, batch_size=config.batch_size,
-                train=True, num_workers=config.num_workers, seed=data_seed, num_classes=config.model.num_classes,
-                labels=config.labels, randaugment=config.augment.randaugment,
-            ), self.source)
-        except BaseException:
-            self.dht.shutdown()
-            raise
+        data_seed = config.seed if config.seed is not None else int.from_bytes(self.dht.peer_id.to_bytes()[-4:], "big")
+        self.source, self.loader = None, None
+        if self.needs_data:
+            try:  # the data first: a wrong --data or an unreachable coordinator fails before the optimizer starts
+                self.source = None if config.data is not None else self._lease_source()
+                self.loader = make_loader(DataConfig(
+                    files=config.data or "", image_size=config.image_size, batch_size=config.batch_size,
+                    train=True, num_workers=config.num_workers, seed=data_seed, num_classes=config.model.num_classes,
+                    labels=config.labels, randaugment=config.augment.randaugment,
+                ), self.source)
+            except BaseException:
+                self.dht.shutdown()
+                raise
         torch.manual_seed(initial_seed(config.run_id))
         self.model = create_model(config.model)
         if config.init_from:
@@ -135,51 +139,68 @@ class Peer:
         # Erasing and mixing draw from their own generator, seeded like the data order (peers differ, runs repeat).
         self.augment_rng = torch.Generator(device=self.device).manual_seed(data_seed)
         recipe = config.recipe
-        setup = build_optimizer_setup(self.model, recipe, optimizer_cls)
         self.ema = WeightEMA(self.model, recipe.ema_decay, recipe.ema_warmup, recipe.ema_device,
                              reset_on_jump=False) if recipe.ema else None
         logger.info(f"local step: {self.device}, {self.precision.name}, channels_last={channels_last}, "
                     f"compile={config.compile}, checkpointing={config.checkpointing}, optimizer={config.optimizer}")
         self.counters = TrafficCounters()
-        averaging = build_averaging_kwargs(config.compression, self.counters, list(self.model.parameters()))
-        # hivemind warns (and can deadlock) when a matchmaking request may outlive matchmaking itself.
-        # Optimizer(averager_opts=...) only reaches the state averager, so the gradient averager gets it here.
-        request_timeout = min(3.0, config.matchmaking_time / 2)
-        averaging["grad_averager_factory"] = partial(averaging["grad_averager_factory"], request_timeout=request_timeout)
-        with keep_signal_handlers():
-            self.opt = SwarmOptimizer(
-                dht=self.dht,
-                run_id=config.run_id,
-                params=setup.params,
-                optimizer=setup.optimizer,
-                scheduler=setup.scheduler,
-                # The EMA travels with the state: joiners download the swarm's, the coordinator checkpoints it.
-                extra_tensors=self.ema.flat_tensors(flat_parameter_names(self.model)) if self.ema else (),
-                offload_optimizer=config.offload_optimizer,
-                # hivemind's GradScaler unscales only the .grad buffers; with fp16 they must be the accumulators.
-                reuse_grad_buffers=self.precision.scaled,
-                batch_size_per_step=config.batch_size,
-                target_batch_size=config.target_batch_size,
-                matchmaking_time=config.matchmaking_time,
-                averaging_timeout=config.averaging_timeout,
-                average_state_every=config.average_state_every,
-                averager_opts=dict(request_timeout=request_timeout),
-                # While a tracker believes it is alone it refreshes every default_refresh_period (3 s); a
-                # peer that reaches the target batch before it has seen the others steps alone and drifts.
-                tracker_opts=dict(default_refresh_period=1.0),
-                verbose=False,
-                **averaging,
-            )
-        self.window = ProgressWindow()
-        self.last_loss = math.nan
-        self.model_published = -math.inf
         self.model_info = ModelInfo(
             name=config.model.name, depth=config.model.depth, num_classes=config.model.num_classes,
             image_size=config.image_size, class_names=list(CATEGORIES[: config.model.num_classes]),
             compression=f"{config.compression.mode} rank {config.compression.rank}"
             if config.compression.mode.startswith("powersgd") else config.compression.mode,
-            ema=config.recipe.ema,
+            ema=config.recipe.ema, recipe_hash=recipe_hash(config),
         )
+        try:
+            with keep_signal_handlers():
+                self.opt = self.make_optimizer(self.optimizer_kwargs(optimizer_cls))
+        except BaseException:
+            self.dht.shutdown()
+            raise
+        self.window = ProgressWindow()
+        self.last_loss = math.nan
+        self.model_published = -math.inf
+
+    def optimizer_kwargs(self, optimizer_cls) -> dict:
+        """The SwarmOptimizer's arguments: the swarm's recipe, averaging and compression, for every role.
+
+        hivemind names the averagers' RPC handlers after their classes and matches peers by the run id, so a
+        peer that builds its optimizer any other way (a replica included) cannot join the others' rounds.
+        """
+        config = self.config
+        setup = build_optimizer_setup(self.model, config.recipe, optimizer_cls)
+        averaging = build_averaging_kwargs(config.compression, self.counters, list(self.model.parameters()))
+        # hivemind warns (and can deadlock) when a matchmaking request may outlive matchmaking itself.
+        # Optimizer(averager_opts=...) only reaches the state averager, so the gradient averager gets it here.
+        request_timeout = min(3.0, config.matchmaking_time / 2)
+        factory = averaging["grad_averager_factory"]
+        averaging["grad_averager_factory"] = partial(factory, request_timeout=request_timeout)
+        return dict(
+            dht=self.dht,
+            run_id=config.run_id,
+            params=setup.params,
+            optimizer=setup.optimizer,
+            scheduler=setup.scheduler,
+            # The EMA travels with the state: joiners download the swarm's, the coordinator checkpoints it.
+            extra_tensors=self.ema.flat_tensors(flat_parameter_names(self.model)) if self.ema else (),
+            offload_optimizer=config.offload_optimizer,
+            # hivemind's GradScaler unscales only the .grad buffers; with fp16 they must be the accumulators.
+            reuse_grad_buffers=self.precision.scaled,
+            batch_size_per_step=config.batch_size,
+            target_batch_size=config.target_batch_size,
+            matchmaking_time=config.matchmaking_time,
+            averaging_timeout=config.averaging_timeout,
+            average_state_every=config.average_state_every,
+            averager_opts=dict(request_timeout=request_timeout),
+            # While a tracker believes it is alone it refreshes every default_refresh_period (3 s); a
+            # peer that reaches the target batch before it has seen the others steps alone and drifts.
+            tracker_opts=dict(default_refresh_period=1.0),
+            verbose=False,
+            **averaging,
+        )
+
+    def make_optimizer(self, kwargs: dict) -> SwarmOptimizer:
+        return SwarmOptimizer(**kwargs)
 
     def _lease_source(self, wait: float = 30.0) -> CoordinatorShards:
         """Shards from the coordinator: its URL from --coordinator or from its announcement in the DHT."""
