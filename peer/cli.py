@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels dataset (id, label) from convforever-label; overrides the caption classifier")
     p.add_argument("--model", default=ModelConfig().name, help="one of: " + ", ".join(MODEL_NAMES) + " (or atto..base)")
     p.add_argument("--depth", type=int, help="total blocks, spread over the 4 stages (>= 4); default: the preset's")
+    p.add_argument("--drop-path", type=float, default=ModelConfig().drop_path_rate,
+                   help="stochastic depth: the drop rate grows linearly to this at the last block (ConvNeXt-T: 0.1)")
     p.add_argument("--num-classes", type=int, default=ModelConfig().num_classes)
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per local forward/backward")
@@ -112,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             label_smoothing=args.smoothing)
         return PeerConfig(
             run_id=args.run_id, data=args.data, initial_peers=args.initial_peers,
-            model=ModelConfig(name=args.model, depth=args.depth, num_classes=args.num_classes),
+            model=ModelConfig(name=args.model, depth=args.depth, num_classes=args.num_classes,
+                              drop_path_rate=args.drop_path),
             compression=CompressionConfig(mode=args.compression, rank=args.rank),
             image_size=args.image_size, batch_size=args.batch_size, target_batch_size=args.target_batch_size,
             device=args.device, max_steps=args.max_steps, min_peers=args.min_peers, recipe=recipe_from_args(args),

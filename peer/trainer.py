@@ -117,6 +117,7 @@ class Peer:
                     files=config.data or "", image_size=config.image_size, batch_size=config.batch_size,
                     train=True, num_workers=config.num_workers, seed=data_seed, num_classes=config.model.num_classes,
                     labels=config.labels, randaugment=config.augment.randaugment,
+                    pin_memory=self.device.type == "cuda",
                 ), self.source)
             except BaseException:
                 self.dht.shutdown()
