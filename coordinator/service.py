@@ -28,8 +28,6 @@ from convforever.model.checkpoint import save_checkpoint
 from .http import HttpServer, LeaseApi
 from .hub import CardFacts, HubConfig, HubPublisher, Upload, loss_curve_png, model_card
 from .leases import LeaseLedger
-from .status import RunHistory, StatusBoard, build_status
-from .web import WebApi
 from .protocol import (
     CheckpointInfo,
     CoordinatorInfo,
@@ -41,6 +39,8 @@ from .protocol import (
     swarm_view,
 )
 from .state import StateFetcher
+from .status import RunHistory, StatusBoard, build_status
+from .web import WebApi
 
 logger = logging.getLogger(__name__)
 
