@@ -9,7 +9,6 @@ import glob
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -27,27 +26,10 @@ PD_EXTENDED_SCHEMA = pa.schema([
     ("width", pa.int64()),
     ("height", pa.int64()),
 ])
-LABEL_COLUMN = "label"
-
-# Rows per slice read from a row group: PD-Extended images are up to a few MB each, so 64 rows keep a
-# worker's parquet buffer in the tens of MB while still amortising per-read overhead.
-READ_ROWS = 64
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One row group of one file: what a DataLoader worker is handed."""
-
-    path: str
-    row_group: int
-    num_rows: int
-    has_caption: bool
-    has_label: bool
-    has_id: bool
-
-
-def resolve_files(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Expand a file, a directory (every *.parquet below it, recursively) or a glob, or a list of them.
+def resolve_files(spec: str | os.PathLike | Sequence[str | os.PathLike],
+                  suffixes: tuple[str, ...] = (".parquet",)) -> list[str]:
+    """Expand a file, a directory (every file with one of ``suffixes`` below it, recursively) or a glob, or a
+    list of them.
 
     Directories and globs are sorted so every peer sees the same file order; an explicit list keeps the
     caller's order (duplicates removed).
@@ -59,15 +41,17 @@ def resolve_files(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     for item in specs:
         item = os.fspath(item)
         if os.path.isdir(item):
-            found = sorted(glob.glob(os.path.join(glob.escape(item), "**", "*.parquet"), recursive=True))
+            found = sorted(p for suffix in suffixes
+                           for p in glob.glob(os.path.join(glob.escape(item), "**", "*" + suffix), recursive=True))
         elif os.path.isfile(item):
             found = [item]
         else:
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
         if not found:
             raise ValueError(
-                f"no parquet files found for {item!r} (looked for it as a file, as a directory containing "
-                "*.parquet files at any depth, and as a glob pattern); check the path, or create demo data "
+                f"no {' or '.join(x.lstrip('.') for x in suffixes)} files found for {item!r} (looked for it as a "
+                f"file, as a directory containing {'/'.join('*' + x for x in suffixes)} files at any depth, and as a "
+                "glob pattern); check the path, or create demo data "
                 "with `convforever-demo-data --out DIR` and pass DIR/train")
         files.extend(found)
     return list(dict.fromkeys(files))

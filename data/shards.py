@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .labels import CATEGORY_INDEX
+from .parquet import resolve_files
 
 logger = logging.getLogger(__name__)
 
@@ -135,19 +136,11 @@ def list_hub_files(repo: str, subset: str | None = None, revision: str | None = 
 
 def _local_files(spec: str) -> tuple[str, list[str]]:
     """(root, files relative to root) for a file, a directory (searched recursively) or a glob."""
-    import glob
-
-    if os.path.isfile(spec):
-        return os.path.dirname(os.path.abspath(spec)), [os.path.basename(spec)]
-    if os.path.isdir(spec):
-        root = os.path.abspath(spec)
-        found = sorted(p for suffix in DATA_SUFFIXES
-                       for p in glob.glob(os.path.join(glob.escape(root), "**", "*" + suffix), recursive=True))
-        return root, [os.path.relpath(p, root) for p in sorted(found)]
-    found = sorted(os.path.abspath(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-    if not found:
+    try:
+        found = [os.path.abspath(p) for p in resolve_files(spec, DATA_SUFFIXES)]
+    except ValueError:
         return "", []
-    root = os.path.commonpath([os.path.dirname(p) for p in found])
+    root = os.path.abspath(spec) if os.path.isdir(spec) else os.path.commonpath([os.path.dirname(p) for p in found])
     return root, [os.path.relpath(p, root) for p in found]
 
 
