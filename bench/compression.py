@@ -29,6 +29,7 @@ from hivemind.utils.math import get_flatten_greedy_dims
 from convforever.compression import MODES, CompressionConfig, fp32_bytes, gradient_codec, state_codec
 from convforever.compression.loopback import STATE_MODE, ModeResult, PairSpec, run_pair
 from convforever.model import ModelConfig, create_model
+from results import append_results  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 logger = logging.getLogger("bench.compression")
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -194,10 +195,7 @@ def main() -> None:
     ]
     print("\n".join(report))
     if not args.no_append:
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
-        with RESULTS.open("a") as results_file:
-            results_file.write("\n".join(report) + "\n")
+        append_results("\n".join(report))
 
 
 if __name__ == "__main__":

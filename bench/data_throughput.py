@@ -59,6 +59,7 @@ from convforever.data.images import (
 )
 from convforever.data.labels import classify_caption
 from convforever.data.loader import DataConfig, make_loader
+from results import append_results  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 NUM_FILES = 2  # one shard per file, so num_workers=2 gives each worker one
@@ -467,10 +468,7 @@ def main() -> None:
     report += ["", *interpretation(args.sizes, profiles, args.source_size, rows), ""]
     print("\n".join(report))
     if not args.no_append:
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
-        with RESULTS.open("a", encoding="utf-8") as results_file:
-            results_file.write("\n".join(report) + "\n")
+        append_results("\n".join(report))
 
 
 def interpretation(sizes: list[int], profiles: dict, source_size: int, rows: int) -> list[str]:

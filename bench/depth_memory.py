@@ -55,6 +55,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from results import append_results  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -594,8 +595,7 @@ def run_stability(args: argparse.Namespace) -> None:
                "chance loss ln 10 = 2.303; "
                f"run took {result['seconds']:.0f} s\n" + (f"- {args.note}\n" if args.note else "")
                + "\n" + table + "\n")
-    with RESULTS.open("a") as f:
-        f.write(section)
+    append_results(section)
 
 
 def append_section(result: dict, table: str) -> None:
@@ -610,8 +610,7 @@ def append_section(result: dict, table: str) -> None:
                f"at the end of the forward; step s: median of {r0['repeats']} steps; "
                f"run took {result['seconds']:.0f} s\n"
                + (f"- {result['note']}\n" if result.get("note") else "") + "\n" + table + "\n")
-    with RESULTS.open("a") as f:
-        f.write(section)
+    append_results(section)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from depth_memory import RESULTS, ensure_convforever, markdown, ratios  # noqa: E402
+from depth_memory import ensure_convforever, markdown, ratios  # noqa: E402
 
 ensure_convforever()
 from convforever.model import ModelConfig, create_model  # noqa: E402
+from results import RESULTS, append_results  # noqa: E402
 
 GiB = 2**30
 
@@ -450,8 +451,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(summary)
     print("=" * 100)
     if args.append:
-        with RESULTS.open("a") as f:
-            f.write(section)
+        append_results(section)
         print(f"appended to {RESULTS}")
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convforever.data.labels import CATEGORIES, classify_caption
+from results import append_results  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "captions_labelled.jsonl"
@@ -224,10 +225,7 @@ def main() -> None:
     lines = report(quality, sample_path=args.sample, note=args.note, baseline=baseline)
     print("\n".join(lines))
     if not args.no_append:
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
-        with RESULTS.open("a", encoding="utf-8") as results_file:
-            results_file.write("\n".join(lines) + "\n")
+        append_results("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from hub_server import HubServer  # noqa: E402
+from results import append_results  # noqa: E402
 
 CASES = [("convnext_atto", None, 64), ("convnext_tiny", 8, 64), ("convnextv2_atto", None, 96)]
 
@@ -93,8 +94,7 @@ def main() -> None:
                    f"our coordinator's uploader publishes to tests/hub_server.py; timm {rows[0]['timm']} "
                    f"(torch {rows[0]['torch']}) in a second environment runs `timm.create_model(\"hf-hub:REPO@step-7\", "
                    "pretrained=True)` and compares logits on the same input.\n\n" + table + "\n")
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(section)
+        append_results(section)
 
 
 if __name__ == "__main__":
