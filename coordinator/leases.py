@@ -188,7 +188,7 @@ class LeaseLedger:
                     self.db.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'active')",
                                     (lease_id, shard_id, data_pass, peer, now, now + self.ttl, start_row, start_row))
                     shard = self.shards[shard_id]
-                    return Grant(lease_id, json.loads(shard.to_json()), self.root, start_row, data_pass, self.ttl)
+                    return Grant(lease_id, asdict(shard), self.root, start_row, data_pass, self.ttl)
             return None
 
     def _resume_row(self, shard_id: int, data_pass: int) -> int:

@@ -478,8 +478,9 @@ def classify_caption(caption: str | None) -> int | None:
     return min(candidates, key=lambda s: (s.generic, s.start)).category
 
 
-def label_from_value(value: object) -> int | None:
-    """An explicit ``label`` cell (class index, numeric string or category name) -> index, else None.
+def label_from_value(value: object, num_classes: int = NUM_CLASSES) -> int | None:
+    """An explicit ``label`` cell (class index below ``num_classes``, numeric string or category name) -> index,
+    else None. ``num_classes`` exceeds the 50 categories for ImageNet-style data (``--num-classes 1000``).
 
     Returns None for anything it cannot map, which the loader counts as ``bad_label``; callers decide
     separately whether a cell is missing (null), in which case the caption decides instead.
@@ -492,15 +493,15 @@ def label_from_value(value: object) -> int | None:
             return None
         value = int(value)
     if isinstance(value, int):
-        return value if 0 <= value < NUM_CLASSES else None
+        return value if 0 <= value < num_classes else None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
         text = value.strip().lower()
         if text.isdigit():
-            return label_from_value(int(text))
+            return label_from_value(int(text), num_classes)
         return CATEGORY_INDEX.get(text)
     # numpy integers and other int-likes
     if hasattr(value, "__index__"):
-        return label_from_value(int(value.__index__()))
+        return label_from_value(int(value.__index__()), num_classes)
     return None

@@ -381,12 +381,10 @@ class _Worker:
                 return
             tally = _Tally(lease)
             self.open.append(tally)
-            rows_done = lease.start_row
             chunk: list = []
             finished = False
             try:
                 for row in iter_shard(lease.root, lease.shard, lease.start_row):
-                    rows_done += 1
                     tally.rows_read += 1
                     labelled = self._label(tally, row)
                     if labelled is not None:
@@ -401,7 +399,7 @@ class _Worker:
                         break
                 finished = True
             except ShardUnreadable as error:
-                unread = max(lease.shard.num_rows - rows_done, 1)
+                unread = max(lease.shard.num_rows - lease.start_row - tally.rows_read, 1)
                 logger.warning("worker %d: skipping the rest of %s (%d rows): %s", self.worker, lease.shard.key,
                                unread, error)
                 tally.skipped[error.reason] += unread
@@ -420,7 +418,7 @@ class _Worker:
         if row.id is not None and row.id in self.label_map:
             label: int | None = self.label_map[row.id]
         elif not _is_missing(row.label):
-            label = _label_cell(row.label, self.config.num_classes)
+            label = label_from_value(row.label, self.config.num_classes)
             if label is None:
                 self._skip(tally, "bad_label", row.id, f"label {row.label!r}")
                 return None
@@ -438,17 +436,6 @@ class _Worker:
         tally.skipped[reason] += 1
         self.skipped[reason] += 1
         logger.debug("skipping row %s (%s: %s)", row_id, reason, detail)
-
-
-def _label_cell(cell: object, num_classes: int) -> int | None:
-    """Integer cells up to ``num_classes`` (ImageNet-style data has more classes than the 50 categories)."""
-    # Fix: a whole float is an integer column with nulls as pandas writes it (3 -> 3.0; label_from_value
-    # reads it so too), and must get the same num_classes bound: 500.0 was a bad_label at num_classes=1000.
-    if isinstance(cell, float) and cell.is_integer():
-        cell = int(cell)
-    if isinstance(cell, int) and not isinstance(cell, bool):
-        return cell if 0 <= cell < num_classes else None
-    return label_from_value(cell)
 
 
 def _load_label_map(labels: str | None) -> dict[str, int]:

@@ -293,9 +293,7 @@ def iter_shard(root: str, shard: Shard, start_row: int = 0) -> Iterator[Row]:
 def _iter_parquet(path: str, shard: Shard, start_row: int) -> Iterator[Row]:
     import datasets
 
-    # load_dataset() reports "download statistics" to an S3 endpoint on every call, with a 3 s timeout:
-    # a request per shard that an offline or firewalled peer waits out. We never want it.
-    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    _quiet_datasets(datasets)
 
     try:
         schema_names, groups = parquet_layout(path)
@@ -323,6 +321,13 @@ def _iter_parquet(path: str, shard: Shard, start_row: int) -> Iterator[Row]:
                 yield from _table_rows(table)
         except Exception as error:
             raise ShardUnreadable("bad_file", f"{path} row group {group}: {type(error).__name__}: {error}") from None
+
+
+def _quiet_datasets(datasets) -> None:
+    """load_dataset() reports "download statistics" to an S3 endpoint on every call, with a 3 s timeout: a
+    request per shard that an offline or firewalled peer waits out. Switched off once per process."""
+    if datasets.config.HF_UPDATE_DOWNLOAD_COUNTS:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
 
 def _table_rows(table: pa.Table) -> Iterator[Row]:

@@ -13,6 +13,7 @@ from convforever.coordinator.process import install_stop_handlers, setup_logging
 from convforever.data.augment import AugmentConfig
 from convforever.model import MODEL_NAMES, ModelConfig
 
+from .accel import OPTIMIZERS, PRECISIONS
 from .config import PeerConfig
 from .recipe import add_recipe_arguments, recipe_from_args
 
@@ -39,14 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="REPO_OR_DIR[@REV]",
                    help="start from this checkpoint (a folder, DIR@step-N, or a Hub repo ORG/REPO[@step-N]) instead "
                         "of the run's seeded initialisation; a swarm that is already ahead still wins")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision,
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="autocast precision: auto = bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
     p.add_argument("--checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: deep models in little memory")
-    p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default=d.optimizer,
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                    help="adamw8bit keeps AdamW's statistics in 8 bits (bitsandbytes)")
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep the optimizer and its statistics on the CPU (hivemind's offload): saves GPU memory")

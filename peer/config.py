@@ -13,6 +13,7 @@ from convforever.data import CATEGORIES
 from convforever.data.augment import AugmentConfig
 from convforever.model import ModelConfig
 
+from .accel import OPTIMIZERS, PRECISIONS
 from .recipe import RecipeConfig
 
 
@@ -78,8 +79,8 @@ class PeerConfig:
             (not (self.offload_optimizer and self.recipe.ema and self.recipe.ema_device != "cpu"),
              "--ema-device must be cpu with --offload-optimizer"),
             (self.average_state_every >= 1, "--average-state-every must be >= 1"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision is auto, fp32, bf16 or fp16"),
-            (self.optimizer in ("adamw", "adamw8bit"), "--optimizer is adamw or adamw8bit"),
+            (self.precision in PRECISIONS, f"--precision is one of {', '.join(PRECISIONS)}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer is one of {', '.join(OPTIMIZERS)}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "--device is auto, cpu or cuda[:N]"),
             (self.role in ("train", "replica"), "--role is train or replica"),
             (bool(self.run_id) and "." not in self.run_id, "--run-id must be a non-empty name without dots"),

@@ -168,7 +168,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: Optional[int] = None, m
 
     Warm-up: ``(step + 1) / warmup_steps`` (so the very first global step is not wasted at lr 0), reaching 1
     at ``warmup_steps - 1``. With ``total_steps`` None the factor then stays 1 (ConvForever's old behaviour,
-    identical to ``trainer.warmup_factor``); otherwise it follows
+    identical to the warm-up-only schedule ConvForever had before); otherwise it follows
     ``min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2``, ``p = (step - warmup) / (total - warmup)``
     clamped to [0, 1]: 1 at the end of warm-up, ``min_lr_ratio`` from ``total_steps`` on (as ConvNeXt's
     ``utils.cosine_scheduler``, per global step instead of per iteration).

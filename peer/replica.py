@@ -165,11 +165,12 @@ class ReplicaPeer(Peer):
         """Wait for the training peers' ModelInfo; refuse (ValueError) when the common recipe hash is not ours."""
         announced, started = -float("inf"), time.monotonic()
         while True:
-            hashes = Counter(m.recipe_hash for m in self.records.models())
+            models = self.records.models()
+            hashes = Counter(m.recipe_hash for m in models)
             known = {h: n for h, n in hashes.items() if h is not None}
             if known:
                 common = max(known, key=known.get)
-                swarm = next(m for m in self.records.models() if m.recipe_hash == common)
+                swarm = next(m for m in models if m.recipe_hash == common)
                 problem = recipe_mismatch(self.model_info, swarm)
                 if problem is not None:
                     logger.error(problem)
