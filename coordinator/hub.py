@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 from PIL import Image, ImageDraw
 
+from convforever.model.checkpoint import CONFIG_NAME, EMA_WEIGHTS_NAME, WEIGHTS_NAME
+
 logger = logging.getLogger(__name__)
 
 
@@ -140,7 +142,7 @@ class HubPublisher:
             self.api.create_repo(self.config.repo_id, repo_type="model", private=self.config.private, exist_ok=True)
             self._repo_ready = True
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(upload.step_dir / name))
-                      for name in ("model.safetensors", "model_ema.safetensors", "config.json")
+                      for name in (WEIGHTS_NAME, EMA_WEIGHTS_NAME, CONFIG_NAME)
                       if (upload.step_dir / name).is_file()]
         operations += [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=upload.card.encode()),
                        CommitOperationAdd(path_in_repo="loss.png", path_or_fileobj=upload.curve_png)]

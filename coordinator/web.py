@@ -20,10 +20,13 @@ from pathlib import Path
 
 from aiohttp import web
 
+from convforever.model.checkpoint import CONFIG_NAME, EMA_WEIGHTS_NAME, WEIGHTS_NAME
+
 from .status import StatusBoard, prometheus_text
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-CHECKPOINT_FILES = ("model.safetensors", "config.json")  # never anything else from the checkpoint dir (keys live there)
+# Never anything else from the checkpoint dir (the coordinator's key and the ledger live there).
+CHECKPOINT_FILES = (WEIGHTS_NAME, EMA_WEIGHTS_NAME, CONFIG_NAME)
 NOT_READY = b'{"error": "the coordinator has not finished its first look at the swarm yet; retry in a few seconds"}'
 
 
