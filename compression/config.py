@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 MODES = ("none", "fp16", "8bit", "powersgd", "powersgd-8bit")
 STATE_MODES = ("none", "fp16", "8bit")
+LAYOUTS = ("flat", "per-tensor")
+WHOLE_CODECS = ("fp16", "8bit")
 
 
 @dataclass
@@ -21,12 +23,26 @@ class CompressionConfig:
       and is safe for parameters; ``8bit`` perturbs parameters by ~1% of each block's max on every averaging round.
     :param min_8bit_numel: tensors (and PowerSGD factors) smaller than this go as fp16, because each 8-bit message
       carries ~1 KiB of codebook, which costs more than it saves below ~1k values.
+    :param layout: how PowerSGD hands its tensors to hivemind's all-reduce. ``flat`` concatenates all P factors
+      into one buffer, and all Q factors and the tensors PowerSGD leaves whole into another, cut once per peer: one
+      codebook and one message per peer, phase and segment instead of one per tensor (~5 parts per round instead of
+      241 for ConvNeXt-T in a pair; 0.454 instead of 0.566 MB at rank 4 with 8-bit factors, see bench/RESULTS.md).
+      ``per-tensor`` is hivemind's own scheme and the default: under ``flat`` the 8-bit blocks (4096 values, one
+      absmax) mix small factors with large ones, and the two peers of tests/test_swarm.py ended 0.55-0.75 of the
+      distance training moved them apart, against 0.01-0.30 per tensor. Peers with different layouts cannot
+      average with each other.
+    :param whole_codec: under ``powersgd-8bit`` with the flat layout, how the tensors PowerSGD does not factorize
+      (biases, norms, layer scales: ~65k values in ConvNeXt-T) travel. Unlike the factors they get no error
+      feedback, so whatever the codec loses is lost for good: ``fp16`` (scaled) loses ~1e-3, ``8bit`` ~1e-2 and
+      halves their cost.
     """
 
     mode: str = "powersgd-8bit"
     rank: int = 4
     state_compression: str = "fp16"
     min_8bit_numel: int = 2048
+    layout: str = "per-tensor"  # flat makes peers' averaged gradients disagree more (see layout above)
+    whole_codec: str = "fp16"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -37,6 +53,10 @@ class CompressionConfig:
             )
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"--powersgd-rank must be an integer >= 1, got {self.rank!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown PowerSGD layout {self.layout!r}; choose one of: {', '.join(LAYOUTS)}")
+        if self.whole_codec not in WHOLE_CODECS:
+            raise ValueError(f"unknown whole-tensor codec {self.whole_codec!r}; choose one of: {', '.join(WHOLE_CODECS)}")
         if self.min_8bit_numel < 0:
             raise ValueError(f"min_8bit_numel must be >= 0, got {self.min_8bit_numel!r}")
 

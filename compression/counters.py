@@ -118,7 +118,7 @@ class TrafficCounters:
 
     def snapshot(self) -> TrafficSnapshot:
         with self._values.get_lock():
-            values = dict(zip(_SLOTS, self._values[:]))
+            values = dict(zip(_SLOTS, self._values[:], strict=True))
         default = values.pop("fp32_payload_bytes")
         per_round = _fp32_per_round(values["grad_fp32_reference_bytes"], values["grad_rounds"], default)
         return TrafficSnapshot(fp32_bytes_per_round=per_round, **values)

@@ -24,18 +24,16 @@ visible and ``state_bytes_received`` stays 0. In a pair, the sender half is half
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, Callable, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Optional
 
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
-from hivemind.utils.asyncio import as_aiter, azip
-from hivemind.utils.timed_storage import get_dht_time
 
 from .counters import TrafficCounters, butterfly_bytes_sent, fp32_bytes
+from .guard import GuardedAllReduceRunner, GuardedAveragerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +57,8 @@ class _CountingStub:
         return _counted(responses, self._runner.record_received)
 
 
-class CountingAllReduceRunner(AllReduceRunner):
-    """hivemind's butterfly all-reduce, counting every message it exchanges with groupmates."""
+class CountingAllReduceRunner(GuardedAllReduceRunner):
+    """hivemind's butterfly all-reduce with the poisoning guard, counting every message it exchanges with groupmates."""
 
     def __init__(self, *, traffic: TrafficCounters, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -86,10 +84,10 @@ class CountingAllReduceRunner(AllReduceRunner):
             yield message
 
 
-class CountingAveragerMixin:
+class CountingAveragerMixin(GuardedAveragerMixin):
     """Put before a hivemind gradient averager class to count its all-reduce traffic into ``traffic``.
 
-    Pinned to hivemind 1.1.12: ``_run_allreduce_inplace_`` below is hivemind's, with the runner class swapped.
+    Its all-reduces run through ``CountingAllReduceRunner``, which is guarded (``guard.py``) as well as counted.
     """
 
     # ServicerBase caches RPC handlers and the stub type on the first class that asks; an inherited cache would make
@@ -112,36 +110,14 @@ class CountingAveragerMixin:
         self._traffic.add(grad_rounds=1, grad_fp32_reference_bytes=reference)
         return gathered
 
-    async def _run_allreduce_inplace_(
-        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: Optional[bytes] = None, **kwargs
-    ) -> None:
-        group_id = group_info.group_id if group_id is None else group_id
-        runner = CountingAllReduceRunner(
-            traffic=self._traffic,
-            p2p=self._p2p,
-            servicer_type=type(self),
-            prefix=self.prefix,
-            tensors=tensors,
-            group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids,
-            **kwargs,
-        )
+    def make_allreduce_runner(self, **kwargs: Any) -> CountingAllReduceRunner:
+        runner = CountingAllReduceRunner(traffic=self._traffic, **kwargs)
         if self._round_layout is None:  # PowerSGD runs two all-reduces per round with the same group and fractions
-            own_index = group_info.peer_ids.index(self.peer_id)
+            own_index = list(kwargs["ordered_peer_ids"]).index(self.peer_id)
             self._round_layout = (
                 runner.peer_fractions, own_index, len(runner.sender_peer_ids), self.peer_id in runner.sender_peer_ids
             )
-        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
-        self._running_groups[group_id].set_result(runner)
-
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
-        else:
-            async for _ in runner:
-                raise ValueError("aux peers should not receive averaged tensors")
+        return runner
 
 
 class CountingCompression(CompressionBase):

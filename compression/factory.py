@@ -15,6 +15,7 @@ from .codecs import gradient_codec, state_codec
 from .config import CompressionConfig
 from .counters import TrafficCounters, fp32_bytes
 from .counting import CountingAveragerMixin, CountingCompression
+from .flat import FlatPowerSGDGradientAverager
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,12 @@ class CountingPowerSGDGradientAverager(CountingAveragerMixin, PowerSGDGradientAv
     """hivemind's PowerSGD averager: rank-r P/Q factors with error feedback (``_ms``) and warm-started Q (``_qs``).
 
     Tensors it does not factorize (1-D, or saving < ``min_compression_ratio``) travel whole in the Q phase.
+    Hands hivemind one tensor per factor (the ``per-tensor`` layout), which costs a message and codebook each.
     """
+
+
+class CountingFlatPowerSGDGradientAverager(CountingAveragerMixin, FlatPowerSGDGradientAverager):
+    """The same PowerSGD maths with each phase sent as flat buffers (the ``flat`` layout, see ``flat.py``)."""
 
 
 @dataclass
@@ -46,7 +52,8 @@ class GradientAveragerFactory:
     def __call__(self, **kwargs: Any) -> GradientAverager:
         if not self.config.uses_powersgd:
             return CountingGradientAverager(traffic=self.traffic, **kwargs)
-        averager = CountingPowerSGDGradientAverager(averager_rank=self.config.rank, traffic=self.traffic, **kwargs)
+        cls = CountingFlatPowerSGDGradientAverager if self.config.layout == "flat" else CountingPowerSGDGradientAverager
+        averager = cls(averager_rank=self.config.rank, traffic=self.traffic, **kwargs)
         _reseed_warm_start(averager)
         return averager
 

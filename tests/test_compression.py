@@ -1,4 +1,5 @@
-"""compression/: codecs under the installed numpy, config validation, byte-accounting maths, and a real pair."""
+"""compression/: codecs under the installed numpy, config validation, byte-accounting maths, the flat PowerSGD
+layout, and real groups of 2 and 4 peers on loopback."""
 
 from __future__ import annotations
 
@@ -7,29 +8,35 @@ import multiprocessing as mp
 
 import pytest
 import torch
+from hivemind.averaging.partition import TensorPartContainer
 from hivemind.compression import (
     BlockwiseQuantization,
     CompressionInfo,
     Float16Compression,
     NoCompression,
     ScaledFloat16Compression,
+    TensorRole,
     deserialize_torch_tensor,
 )
+from hivemind.proto import runtime_pb2
 
 from convforever.compression import (
     MODES,
     STATE_MODES,
     CompressionConfig,
+    SegmentCompression,
     TrafficCounters,
     TrafficSnapshot,
     build_averaging_kwargs,
     butterfly_bytes_sent,
     compression_ratio,
+    cut_at_pivots,
     fp32_bytes,
     gradient_codec,
     state_codec,
 )
-from convforever.compression.loopback import STATE_MODE, PairSpec, run_pair
+from convforever.compression.codecs import FACTORS, WHOLE
+from convforever.compression.loopback import STATE_MODE, GroupSpec, PairSpec, run_group, run_pair
 
 
 def _heavy_tailed(numel: int, seed: int = 0) -> torch.Tensor:
@@ -95,6 +102,13 @@ def test_small_tensors_skip_8bit_because_the_codebook_outweighs_them():
 def test_config_defaults_are_valid():
     config = CompressionConfig()
     assert config.mode == "powersgd-8bit" and config.rank == 4 and config.state_compression == "fp16"
+    assert config.layout == "per-tensor" and config.whole_codec == "fp16"
+
+
+@pytest.mark.parametrize("field,value", [("layout", "columns"), ("whole_codec", "int4")])
+def test_unknown_layout_or_whole_codec_names_the_choices(field, value):
+    with pytest.raises(ValueError, match=f"{value!r}.*choose one of"):
+        CompressionConfig(**{field: value})
 
 
 def test_unknown_mode_names_the_flag_and_the_choices():
@@ -171,9 +185,63 @@ def test_counters_made_before_fork_see_child_increments():
     assert snapshot.fp32_bytes_per_round == 4000  # no round yet: the static pair estimate
 
 
+# ---------------------------------------------------------------- the flat PowerSGD layout -------------------------
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5), (1, 1, 1, 1), (0.3, 0.0, 0.7), (0.1, 0.2, 0.3, 0.4)])
+def test_flat_chunks_land_whole_on_the_peer_whose_share_they_are(fractions):
+    """hivemind assigns each part to a peer by its own pivots; each chunk must go to one peer, shares unchanged."""
+    lengths = [7_000, 0, 3_001, 50]
+    chunks = cut_at_pivots(lengths, fractions)
+    assert all(stop > start for _, start, stop in chunks)
+    for segment, length in enumerate(lengths):  # chunks tile every segment in order
+        starts = [start for s, start, _ in chunks if s == segment]
+        stops = [stop for s, _, stop in chunks if s == segment]
+        assert (starts, stops[-1:]) == (([0] + stops[:-1], [length]) if length else ([], []))
+    flats = [torch.arange(n, dtype=torch.float32) for n in lengths]
+    views = [flats[s][a:b] for s, a, b in chunks]
+    container = TensorPartContainer(views, fractions, part_size_bytes=2**30)  # no further cutting
+    total = sum(lengths)
+    shares = [round(f / sum(fractions) * total) for f in fractions]
+    for peer, share in enumerate(shares):
+        parts = container.get_raw_input_parts(peer)
+        assert abs(sum(part.numel() for part in parts) - share) <= len(fractions)  # the pivots' integer rounding
+        # one chunk per segment that the share touches: no chunk was split between two peers
+        assert len(parts) <= len([n for n in lengths if n]) and (share == 0) == (len(parts) == 0)
+
+
+def test_flat_chunks_of_nothing_are_none():
+    assert cut_at_pivots([0, 0], (0.5, 0.5)) == []
+
+
+def test_segment_codec_sends_factors_and_whole_tensors_differently_with_registered_codecs():
+    codec = SegmentCompression(factors=BlockwiseQuantization(), whole=ScaledFloat16Compression())
+    tensor = _heavy_tailed(10_000)
+    sent = {
+        name: codec.compress(tensor, CompressionInfo.from_tensor(tensor, key=(name, 0), role=TensorRole.GRADIENT))
+        for name in (FACTORS, WHOLE)
+    }
+    assert sent[FACTORS].compression == runtime_pb2.CompressionType.BLOCKWISE_8BIT
+    assert sent[WHOLE].compression == runtime_pb2.CompressionType.MEANSTD_16BIT
+    for message in sent.values():  # the receiver needs nothing but the enum in the message
+        restored = deserialize_torch_tensor(message)
+        assert float((restored - tensor).abs().max()) <= 2e-2 * float(tensor.abs().max())
+    plain = codec.compress(tensor, CompressionInfo.from_tensor(tensor, key=3))  # per-tensor layout: factor codec
+    assert plain.compression == runtime_pb2.CompressionType.BLOCKWISE_8BIT
+
+
+@pytest.mark.parametrize("whole,expected", [("fp16", runtime_pb2.CompressionType.MEANSTD_16BIT),
+                                            ("8bit", runtime_pb2.CompressionType.BLOCKWISE_8BIT)])
+def test_flat_powersgd_8bit_picks_the_whole_tensor_codec(whole, expected):
+    codec = gradient_codec(CompressionConfig(mode="powersgd-8bit", layout="flat", whole_codec=whole))
+    tensor = torch.randn(10_000)
+    assert codec.compress(tensor, CompressionInfo.from_tensor(tensor, key=(WHOLE, 1))).compression == expected
+
+
 # ---------------------------------------------------------------- a real pair on 127.0.0.1 --------------------------
 
-PAIR_SHAPES = ((512, 256), (128, 64, 3, 3), (256,), (5000,))
+# a few layers' worth of small matrices too: per tensor, each of their factors would be a message of its own
+PAIR_SHAPES = ((512, 256), (128, 64, 3, 3), (256,), (5000,), *[(256, 128)] * 8)
 PAIR_RANK = 4
 
 
@@ -197,11 +265,21 @@ def low_rank_grads(peer: int, round_index: int) -> list[torch.Tensor]:
     return grads
 
 
+# the same maths in hivemind's own per-tensor layout, and 8-bit whole tensors, next to MODES (all flat)
+PAIR_VARIANTS = (
+    ("powersgd per-tensor", CompressionConfig(mode="powersgd", rank=PAIR_RANK, layout="per-tensor")),
+    ("powersgd-8bit per-tensor", CompressionConfig(mode="powersgd-8bit", rank=PAIR_RANK, layout="per-tensor")),
+    ("powersgd-8bit whole=8bit", CompressionConfig(mode="powersgd-8bit", rank=PAIR_RANK, layout="flat",
+                                                   whole_codec="8bit")),
+)
+
+
 @pytest.fixture(scope="module")
 def pair_results():
-    spec = PairSpec(modes=MODES + (STATE_MODE,), shapes=PAIR_SHAPES, grads_fn=low_rank_grads, rounds=2,
-                    rank=PAIR_RANK, min_matchmaking_time=0.5, step_timeout=30, run_id="test_compression")
-    return {(r.mode, r.peer): r for r in run_pair(spec, timeout=60)}
+    spec = PairSpec(modes=MODES + (STATE_MODE,), variants=PAIR_VARIANTS, shapes=PAIR_SHAPES, grads_fn=low_rank_grads,
+                    rounds=2, rank=PAIR_RANK, layout="flat", min_matchmaking_time=0.5, step_timeout=30,
+                    run_id="test_compression")
+    return {(r.mode, r.peer): r for r in run_pair(spec, timeout=400)}
 
 
 def test_pair_counts_both_directions_for_every_mode(pair_results):
@@ -246,3 +324,70 @@ def test_state_download_keeps_tiny_optimizer_statistics():
     codec = build_averaging_kwargs(CompressionConfig(), TrafficCounters(), [torch.zeros(4, 4)])["load_state_compression"]
     exp_avg_sq = torch.full((64,), 1e-12)
     assert torch.equal(deserialize_torch_tensor(codec.compress(exp_avg_sq, info=None)), exp_avg_sq)
+
+
+def test_flat_layout_changes_how_powersgd_travels_not_what_it_computes(pair_results):
+    flat, per_tensor = pair_results["powersgd", 0], pair_results["powersgd per-tensor", 0]
+    # the mean is rank 4, so both recover it up to float rounding (which differs: flat scales Q's columns first)
+    assert flat.rel_l2_error < 1e-4 and per_tensor.rel_l2_error < 1e-4
+    assert flat.extra["cumulative_rel_l2"] < 1e-4 and per_tensor.extra["cumulative_rel_l2"] < 1e-4
+    # fp32 on the wire either way: the same payload, in at most one message per segment, phase and direction
+    assert flat.snapshot.grad_payload_bytes_sent == per_tensor.snapshot.grad_payload_bytes_sent
+    assert flat.snapshot.grad_parts_sent / flat.snapshot.grad_rounds <= 2 * 3
+
+
+def test_flat_8bit_layout_sends_fewer_bytes_and_messages_at_the_same_error(pair_results):
+    # per-tensor sends whole tensors of >= min_8bit_numel values in 8-bit, so compare with flat whole=8bit
+    flat, per_tensor = pair_results["powersgd-8bit whole=8bit", 0], pair_results["powersgd-8bit per-tensor", 0]
+    assert flat.snapshot.bytes_per_round_sent < per_tensor.snapshot.bytes_per_round_sent
+    assert flat.snapshot.grad_parts_sent < per_tensor.snapshot.grad_parts_sent
+    # error feedback repays the 8-bit factors: the sum over rounds is close to the exact sum either way
+    assert flat.extra["cumulative_rel_l2"] < 0.1 and per_tensor.extra["cumulative_rel_l2"] < 0.1
+
+
+def test_whole_tensors_in_8bit_cost_less_and_lose_about_one_percent(pair_results):
+    fp16, eight = pair_results["powersgd-8bit", 0], pair_results["powersgd-8bit whole=8bit", 0]
+    assert eight.snapshot.bytes_per_round_sent < fp16.snapshot.bytes_per_round_sent
+    whole = [i for i, shape in enumerate(PAIR_SHAPES) if len(shape) == 1]
+    fp16_error = max(fp16.extra["per_tensor_rel_l2"][i] for i in whole)
+    eight_error = max(eight.extra["per_tensor_rel_l2"][i] for i in whole)
+    assert fp16_error < 1e-3 < eight_error < 3e-2  # no error feedback for them: this is lost for good
+
+
+# ---------------------------------------------------------------- a real group of 4 on 127.0.0.1 --------------------
+
+GROUP_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def group_results():
+    spec = GroupSpec(modes=("none", "powersgd", "powersgd-8bit"), shapes=PAIR_SHAPES, grads_fn=low_rank_grads, rounds=2,
+                     rank=PAIR_RANK, layout="flat", peers=GROUP_SIZE, min_matchmaking_time=2.0, step_timeout=60,
+                     run_id="test_compression_group")
+    return {(r.mode, r.peer): r for r in run_group(spec, timeout=600)}
+
+
+def test_group_of_four_averages_over_everyone(group_results):
+    payload = fp32_bytes(torch.zeros(shape) for shape in PAIR_SHAPES)
+    for peer in range(GROUP_SIZE):
+        fp32 = group_results["none", peer]
+        assert fp32.snapshot.grad_rounds == 2 and fp32.max_abs_error < 1e-9
+        # butterfly: 2 (n - 1) / n payloads per peer and round at the balanced shares
+        assert fp32.snapshot.fp32_bytes_per_round == payload * 3 // 2
+    # hivemind cuts fp32 parts per tensor, so one peer's share drifts from its fraction; the group's total cannot
+    # (each value leaves its sender once and comes back to n - 1 senders), and headers cost under 2%
+    sent = sum(group_results["none", peer].snapshot.grad_bytes_sent for peer in range(GROUP_SIZE))
+    assert 1.0 <= sent / (2 * 2 * (GROUP_SIZE - 1) * payload) < 1.02
+    for peer in range(GROUP_SIZE):
+        # fp32 factors: the flat buffers cut at four peers' shares reassemble exactly (the mean is rank 4)
+        exact = group_results["powersgd", peer]
+        assert exact.snapshot.grad_rounds == 2 and exact.rel_l2_error < 1e-3
+        # 8-bit factors: 0.1-0.2 on these matrices (their mean's 4th singular value is small, and orthogonalizing P
+        # amplifies 8-bit noise along it); a chunk landing at the wrong offset would give ~1
+        powersgd = group_results["powersgd-8bit", peer]
+        assert powersgd.snapshot.grad_rounds == 2 and powersgd.extra["cumulative_rel_l2"] < 0.3
+
+
+def test_group_of_four_shares_flat_buffers_evenly(group_results):
+    sent = [group_results["powersgd-8bit", peer].snapshot.grad_bytes_sent for peer in range(GROUP_SIZE)]
+    assert max(sent) < 1.5 * min(sent)

@@ -1,0 +1,221 @@
+"""The poisoning guard: what a peer accepts from its groupmates in an all-reduce.
+
+hivemind averages whatever arrives. One peer whose gradients are NaN (a broken GPU, an fp16 overflow, malice) or
+absurdly large would put NaN or garbage into every honest peer's update, and the same goes for the parameters of a
+state-averaging round. Two places see foreign data, and both are guarded here:
+
+* as a **reducer**, the parts each sender streams to us: ``GuardedTensorPartReducer`` waits until every sender's
+  contribution to a part is in, then drops the ones that are non-finite (or carry a non-finite or negative weight) or
+  whose RMS is more than ``max_norm_ratio`` times the reference, and averages the rest. The reference is our own
+  contribution, the one thing we know is honest: the RMS of our part, but at least the RMS of everything we average
+  in this all-reduce (a part of ours that happens to be near zero must not make every honest peer's look absurd).
+  A peer that reduces without contributing (an auxiliary peer) uses the median of the senders' RMS instead, which
+  resists a minority of attackers but not one attacker in a pair.
+* as a **sender**, the averaged deltas each reducer streams back: ``GuardedAllReduceRunner`` replaces a delta that is
+  non-finite, or whose RMS is more than ``max_norm_ratio`` times the same reference, with zeros, so for that part we
+  keep our own value instead of the reducer's.
+
+Dropping costs honest peers nothing but that contribution for that round; nobody is banned, because a peer whose
+fp16 step overflowed once is not an attacker. What is not guarded: a sender's claimed weight (it is hivemind's
+sample count, and bounding it would need a trusted sample rate), and a state *download* from a malicious donor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import statistics
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils.timed_storage import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+# An honest contribution differs from ours by the noise between two batches, a few times at most; 1000x is "absurd".
+MAX_NORM_RATIO = 1e3
+
+RejectCallback = Callable[[int, int, str], None]  # (sender index, part index, reason)
+
+
+def _rms(tensor: torch.Tensor) -> float:
+    """Root mean square: comparable between parts of different sizes; inf or nan when any value is."""
+    return float(torch.linalg.vector_norm(tensor.float())) / math.sqrt(max(tensor.numel(), 1))
+
+
+def _total_rms(tensors: Sequence[torch.Tensor]) -> float:
+    squares = sum(float(torch.linalg.vector_norm(t.float())) ** 2 for t in tensors)
+    count = sum(t.numel() for t in tensors)
+    return math.sqrt(squares / count) if count else 0.0
+
+
+def rejection_reason(rms: float, weight: float, reference: float, max_norm_ratio: float) -> Optional[str]:
+    """Why a contribution with this RMS and weight is refused against ``reference`` (None: it is accepted)."""
+    if not math.isfinite(rms):
+        return "non-finite values"
+    if not math.isfinite(weight) or weight < 0:
+        return f"weight {weight}"
+    if reference > 0 and rms > max_norm_ratio * reference:
+        return f"RMS {rms / reference:.3g}x ours"
+    return None
+
+
+class GuardedTensorPartReducer(TensorPartReducer):
+    """hivemind's reducer, averaging a part only over the contributions that pass ``rejection_reason``.
+
+    hivemind adds each contribution to the accumulator as it arrives; here contributions wait in ``_pending`` until
+    every live sender's is in (hivemind already holds every sender's future until then), because the reference, our
+    own part, may arrive last. Memory: one part per sender, ``part_size_bytes`` each (512 KiB by default).
+    """
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, own_sender_index: Optional[int],
+                 max_norm_ratio: float = MAX_NORM_RATIO, on_reject: Optional[RejectCallback] = None,
+                 floor: float = 0.0) -> None:
+        """``floor``: the least reference RMS when we contribute (the RMS of all we average in this all-reduce)."""
+        self._pending: dict[int, tuple[torch.Tensor, float]] = {}  # before super().__init__, which resets it
+        self.own_sender_index, self.max_norm_ratio, self.on_reject = own_sender_index, max_norm_ratio, on_reject
+        self.floor = floor
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        self._pending = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        # hivemind's accumulate_part with the add deferred to check_current_part_finished
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        await self._wait_for_part(sender_index, part_index)
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self._pending[sender_index] = (tensor_part, weight)
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    async def _wait_for_part(self, sender_index: int, part_index: int) -> None:
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+
+    def check_current_part_finished(self) -> None:
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from < self.num_current_senders:
+            return
+        self._reduce_pending()
+        # every contribution refused (possible only without our own): an all-zero average moves nobody anywhere
+        result = self.accumulator.div_(self.denominator) if self.denominator > 0 else self.accumulator
+        self.current_part_future.set_result(result)
+        self.reset_accumulators()
+
+    def _reduce_pending(self) -> None:
+        norms = {index: _rms(tensor) for index, (tensor, _) in self._pending.items()}
+        own = self.own_sender_index
+        reference = max(norms.get(own, math.nan), self.floor) if own is not None else math.nan
+        if not (math.isfinite(reference) and reference > 0):
+            finite = [norm for norm in norms.values() if math.isfinite(norm)]
+            reference = statistics.median(finite) if finite else 0.0
+        for index, (tensor, weight) in sorted(self._pending.items()):
+            reason = rejection_reason(norms[index], weight, reference, self.max_norm_ratio)
+            if reason is None or (index == own and math.isfinite(norms[index])):
+                self.accumulator.add_(tensor, alpha=weight)
+                self.denominator += weight
+            elif self.on_reject is not None:
+                self.on_reject(index, self.current_part_index, reason)
+
+
+class GuardedAllReduceRunner(AllReduceRunner):
+    """hivemind's butterfly all-reduce with the guard on both sides: parts we reduce and deltas we receive."""
+
+    def __init__(self, *, max_norm_ratio: float = MAX_NORM_RATIO, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_norm_ratio = max_norm_ratio
+        self._rejected: dict[Any, set[str]] = {}  # peer -> reasons, logged once per peer and all-reduce
+        own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
+        self._floor = _total_rms(self.tensor_part_container.local_tensors)
+        self.tensor_part_reducer = GuardedTensorPartReducer(
+            self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders, own, max_norm_ratio,
+            on_reject=lambda sender, _part, reason: self._note_rejection(self.sender_peer_ids[sender], reason),
+            floor=self._floor,
+        )
+        # hivemind builds its TensorPartContainer inside __init__ and calls register_processed_part for every delta a
+        # reducer streams back; wrapping that one bound method of this instance is the narrowest hook there is.
+        self._register_delta = self.tensor_part_container.register_processed_part
+        self.tensor_part_container.register_processed_part = self._register_checked_delta
+
+    def _register_checked_delta(self, peer_index: int, part_index: int, delta: torch.Tensor) -> None:
+        container = self.tensor_part_container
+        peer_id = self.ordered_peer_ids[peer_index]
+        if peer_id != self.peer_id and container.return_deltas:
+            sent = container._input_parts_by_peer[peer_index][part_index][0]
+            reason = rejection_reason(_rms(delta), 1.0, max(_rms(sent), self._floor), self.max_norm_ratio)
+            if reason is not None:
+                self._note_rejection(peer_id, f"averaged part: {reason}")
+                delta = torch.zeros_like(sent)
+        self._register_delta(peer_index, part_index, delta)
+
+    def _note_rejection(self, peer_id: Any, reason: str) -> None:
+        reasons = self._rejected.setdefault(peer_id, set())
+        if not reasons:
+            logger.warning(f"dropped data from peer {peer_id} in an all-reduce ({reason}); its other parts are "
+                           "checked too, and nothing is needed from you unless this repeats for your own peer id")
+        reasons.add(reason)
+
+    @property
+    def rejected(self) -> dict[Any, set[str]]:
+        """Peers whose parts or deltas this all-reduce dropped, with why."""
+        return self._rejected
+
+
+class GuardedAveragerMixin:
+    """Put before a hivemind averager class so that all its all-reduces run through ``make_allreduce_runner``.
+
+    Pinned to hivemind 1.1.12: ``_run_allreduce_inplace_`` is ``DecentralizedAverager``'s, with the runner built by
+    a method that subclasses (the traffic counters) can extend.
+    """
+
+    def make_allreduce_runner(self, **kwargs: Any) -> AllReduceRunner:
+        return GuardedAllReduceRunner(**kwargs)
+
+    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
+                                      group_id: Optional[bytes] = None, **kwargs: Any) -> None:
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = self.make_allreduce_runner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix,
+                                            tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids,
+                                            **kwargs)
+        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+        self._running_groups[group_id].set_result(runner)
+
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+
+
+class GuardedTrainingStateAverager(GuardedAveragerMixin, TrainingStateAverager):
+    """hivemind's state averager (parameters, optimizer statistics, the state download) with the guard on.
+
+    hivemind names RPC handlers after the class, so every peer of a run (and the coordinator's state download) must
+    use this class: ``{prefix}::GuardedTrainingStateAverager.rpc_download_state`` and so on.
+    """
+
+    # ServicerBase caches handlers and the stub type on the first class that asks; ours must collect its own
+    _rpc_handlers = None
+    _stub_type = None

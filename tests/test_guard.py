@@ -1,0 +1,86 @@
+"""The poisoning guard's rules on real hivemind reducers: honest parts averaged, poisoned ones dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from convforever.compression.guard import GuardedTensorPartReducer, rejection_reason
+
+
+def reduce(parts: dict[int, list[torch.Tensor]], own: int | None, weights: dict[int, float] | None = None,
+           floor: float = 0.0):
+    """Feed every sender's parts to one reducer concurrently, in an order that puts our own part last."""
+    num_senders = len(parts)
+    rejected: list[tuple[int, int, str]] = []
+
+    async def main():
+        reducer = GuardedTensorPartReducer([p.shape for p in parts[0]], num_senders, own,
+                                           on_reject=lambda *args: rejected.append(args), floor=floor)
+
+        async def sender(index: int):
+            results = []
+            for part_index, part in enumerate(parts[index]):
+                if index == own:
+                    await asyncio.sleep(0.01)  # the reference arrives after the others
+                weight = (weights or {}).get(index, 1.0)
+                results.append(await reducer.accumulate_part(index, part_index, part, weight=weight))
+            return results
+
+        return await asyncio.gather(*(sender(i) for i in sorted(parts)))
+
+    return asyncio.run(main()), rejected
+
+
+def test_nan_and_huge_contributions_are_dropped_and_honest_ones_averaged():
+    torch.manual_seed(0)
+    honest = [[torch.randn(100), torch.randn(30)] for _ in range(2)]
+    nan = [torch.full((100,), math.nan), torch.randn(30)]
+    huge = [torch.randn(100) * 1e6, torch.randn(30) * 1e6]
+    results, rejected = reduce({0: honest[0], 1: honest[1], 2: nan, 3: huge}, own=0)
+
+    expected_first = (honest[0][0] + honest[1][0]) / 2  # neither NaN nor 1e6x counts
+    expected_second = (honest[0][1] + honest[1][1] + nan[1]) / 3  # the NaN peer's finite part still counts
+    for per_sender in results:  # every sender, the attackers included, gets the same average back
+        assert torch.allclose(per_sender[0], expected_first)
+        assert torch.allclose(per_sender[1], expected_second)
+    assert {(sender, part) for sender, part, _ in rejected} == {(2, 0), (3, 0), (3, 1)}
+    assert all("non-finite" in reason for sender, _, reason in rejected if sender == 2)
+    assert all("x ours" in reason for sender, _, reason in rejected if sender == 3)
+
+
+def test_a_near_zero_part_of_ours_does_not_make_honest_parts_look_absurd():
+    """Our part of one layer can be ~0 while the others' are not: the RMS of all we average is the least reference."""
+    torch.manual_seed(3)
+    parts = {0: [torch.randn(64) * 1e-9], 1: [torch.randn(64)], 2: [torch.randn(64) * 1e6]}
+    results, rejected = reduce(parts, own=0, floor=1.0)
+    assert torch.allclose(results[0][0], (parts[0][0] + parts[1][0]) / 2)
+    assert [sender for sender, _, _ in rejected] == [2]
+
+
+def test_without_our_own_part_the_median_is_the_reference():
+    torch.manual_seed(1)
+    parts = {i: [torch.randn(50)] for i in range(3)}
+    parts[3] = [torch.randn(50) * 1e6]
+    results, rejected = reduce(parts, own=None)
+    assert torch.allclose(results[0][0], (parts[0][0] + parts[1][0] + parts[2][0]) / 3)
+    assert [(sender, part) for sender, part, _ in rejected] == [(3, 0)]
+
+
+def test_a_negative_or_nan_weight_is_refused_and_weights_still_weigh():
+    torch.manual_seed(2)
+    parts = {i: [torch.randn(20)] for i in range(3)}
+    results, rejected = reduce(parts, own=0, weights={0: 1.0, 1: 3.0, 2: -5.0})
+    assert torch.allclose(results[0][0], (parts[0][0] + 3 * parts[1][0]) / 4)
+    assert [sender for sender, _, _ in rejected] == [2]
+
+
+@pytest.mark.parametrize("norm, weight, reference, refused", [
+    (1.0, 1.0, 1.0, False), (999.0, 1.0, 1.0, False), (1001.0, 1.0, 1.0, True), (math.inf, 1.0, 1.0, True),
+    (math.nan, 1.0, 1.0, True), (5.0, math.inf, 1.0, True), (5.0, 1.0, 0.0, False),
+])
+def test_rejection_rule(norm, weight, reference, refused):
+    assert (rejection_reason(norm, weight, reference, 1e3) is not None) == refused
