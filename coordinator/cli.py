@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -48,6 +49,14 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
                         "or `hf auth login`); one commit and one step-N tag per checkpoint")
     p.add_argument("--org", help="publish to ORG/ConvForever-RUN_ID (instead of --hub-repo)")
     p.add_argument("--hub-private", action="store_true", help="create the Hub repository private")
+    p.add_argument("--access", choices=("public", "private"), default="public",
+                   help="private: only peers with a join token (`convforever-coordinator token create`) take part; "
+                        "every RPC and lease call checks their certificate (default public)")
+    p.add_argument("--private", dest="access", action="store_const", const="private", help="same as --access private")
+    p.add_argument("--public-status", action="store_true",
+                   help="in a private run, keep the page, /api/status and /metrics open to anyone")
+    p.add_argument("--cert-ttl", type=float, default=600.0,
+                   help="seconds an access certificate lives (default 600; peers renew at half-life)")
     p.add_argument("-v", "--verbose", action="store_true", help="log hivemind's own messages too")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -59,13 +68,19 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
             dataset=args.dataset, subset=args.subset, shard_rows=args.shard_rows, lease_ttl=args.lease_ttl,
             http_host=args.http_host, http_port=args.http_port, public_url=args.public_url,
             hub_repo=args.hub_repo or (default_repo(args.org, args.run_id) if args.org else None),
-            hub_private=args.hub_private,
+            hub_private=args.hub_private, access=args.access, public_status=args.public_status,
+            cert_ttl=args.cert_ttl,
         )
     except ValueError as e:
         p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["token"]:  # the run owner's join tokens: access_cli.py
+        from .access_cli import token_main
+
+        return token_main(argv[1:])
     config = parse_args(argv)
     if config.hub_repo:
         from huggingface_hub import get_token
@@ -87,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print("[coordinator] peers join with: --initial-peers " + " ".join(coordinator.maddrs), flush=True)
         print("[coordinator] HTTP API at " + " ".join(coordinator.api_urls), flush=True)
+        if coordinator.private is not None:
+            print(f"[coordinator] private run (key {coordinator.private.issuer.run_key.fingerprint}): peers add "
+                  f"--token TOKEN --coordinator {coordinator.api_urls[0]}; create tokens with: convforever-coordinator "
+                  f"token create --checkpoint-dir {config.checkpoint_dir}", flush=True)
         coordinator.run(stop)
     finally:
         coordinator.shutdown()

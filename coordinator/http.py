@@ -138,8 +138,10 @@ async def _errors(request: web.Request, handler):
 class HttpServer:
     """aiohttp on a uvloop loop in a daemon thread; `start` returns once the socket is listening."""
 
-    def __init__(self, routes: list[web.RouteDef], host: str = "0.0.0.0", port: int = 0) -> None:
-        self.app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    def __init__(self, routes: list[web.RouteDef], host: str = "0.0.0.0", port: int = 0,
+                 middlewares: tuple = ()) -> None:
+        # extra middlewares run inside the error handler: a private run's access gate (access_http.py)
+        self.app = web.Application(middlewares=[_errors, *middlewares], client_max_size=MAX_BODY)
         self.app.add_routes([web.get("/healthz", self._health), *routes])
         self.host, self.port = host, port
         self.loop = uvloop.new_event_loop()

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
@@ -128,17 +128,30 @@ class RunRecords:
         self._pending = []
 
     def _fetch(self, field: str, model: type[pydantic.BaseModel]) -> list:
+        return list(self._fetch_by_owner(field, model).values())
+
+    def _fetch_by_owner(self, field: str, model: type[pydantic.BaseModel]) -> dict[bytes, Any]:
+        """Records keyed by their subkey: the owner's public key, which the signature validator checked."""
         found = self.dht.get(self._key(field), latest=True)
         if found is None or not isinstance(found.value, dict):
-            return []
-        records = []
-        for entry in found.value.values():
+            return {}
+        records = {}
+        for owner, entry in found.value.items():
             if isinstance(entry, ValueWithExpiration):
                 try:
-                    records.append(model.parse_obj(entry.value))
+                    records[owner] = model.parse_obj(entry.value)
                 except pydantic.ValidationError:
                     continue  # validators already drop bad records on store; this guards local caches
         return records
+
+    def steps_by_owner(self) -> dict[bytes, int]:
+        """Each live peer's step from its metrics record, keyed by its owner key.
+
+        A peer signs its metrics and hivemind's progress record with the same process-wide key, so the keys match
+        those of the progress records; a peer that has not trained yet (hivemind publishes no progress before the
+        first samples) is known only from here.
+        """
+        return {owner: m.step for owner, m in self._fetch_by_owner("metrics", PeerMetrics).items() if not m.final}
 
     def publish_metrics(self, metrics: PeerMetrics) -> None:
         self._store("metrics", metrics, METRICS_TTL)
@@ -167,9 +180,9 @@ class RunRecords:
         found = self._fetch("checkpoint", CheckpointInfo)
         return max(found, key=lambda c: c.step) if found else None
 
-    def progress(self) -> list[LocalTrainingProgress]:
-        """hivemind's own per-peer progress records (written by its ProgressTracker)."""
-        return self._fetch("progress", LocalTrainingProgress)
+    def progress(self) -> dict[bytes, LocalTrainingProgress]:
+        """hivemind's own per-peer progress records (written by its ProgressTracker), by owner key."""
+        return self._fetch_by_owner("progress", LocalTrainingProgress)
 
 
 @dataclass(frozen=True)
@@ -183,14 +196,39 @@ class SwarmView:
     samples_per_second: float
 
 
-def swarm_view(progress: Iterable[LocalTrainingProgress], now: Optional[float] = None) -> SwarmView:
-    """Fold hivemind progress records into one view, the way hivemind's tracker does.
+# Peers step together, so at any moment the honest ones are on one epoch or, mid-transition, the next one.
+EPOCH_SLACK = 1
 
-    The global step is the largest epoch any live peer claims (hivemind's own rule; a later
-    issue hardens it against peers that lie). Only peers on that step count towards the samples.
+
+def plausible_epoch_limit(epochs: Sequence[int]) -> int:
+    """The largest epoch claim worth believing: the epoch at least half the peers have reached, plus EPOCH_SLACK.
+
+    hivemind takes the largest epoch any peer claims as the swarm's, so one peer that claims a far-future epoch
+    would make every honest peer believe it is behind and reload its state, over and over. The ceil(n/2)-th
+    largest claim (the upper median) moves only when half the peers do; a peer that joins late still sees the
+    others' epoch, since they are the majority. Two peers cannot outvote each other: a pair trusts the larger claim.
+    """
+    if not epochs:
+        return EPOCH_SLACK
+    ordered = sorted(epochs, reverse=True)
+    return ordered[(len(ordered) + 1) // 2 - 1] + EPOCH_SLACK
+
+
+def swarm_view(progress: Mapping[bytes, LocalTrainingProgress], now: Optional[float] = None,
+               steps: Mapping[bytes, int] = {}) -> SwarmView:  # noqa: B006 (read only)
+    """Fold hivemind progress records (by owner key) into one view, the way our peers' tracker does.
+
+    The global step is the largest plausible epoch a live training peer claims (``plausible_epoch_limit``, voted
+    by every peer with a progress record and, from ``steps``, every peer known only by its metrics record; records
+    are signed by their owners, so a peer can lie only about itself). Only peers on that step count towards the
+    samples.
     """
     now = get_dht_time() if now is None else now
-    live = [p for p in progress if p.time <= now + 60]  # ignore records from clocks far in the future
+    live = {owner: p for owner, p in progress.items() if p.time <= now + 60}  # clocks far in the future: ignored
+    votes = {**steps, **{owner: p.epoch for owner, p in live.items() if not p.client_mode}}
+    limit = plausible_epoch_limit(list(votes.values()))
+    live = list(live.values())
+    live = [p for p in live if p.epoch <= limit]
     if not live:
         return SwarmView(0, 0, 0, 0, 0.0)
     global_step = max(p.epoch for p in live)

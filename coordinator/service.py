@@ -25,6 +25,7 @@ from hivemind.utils import get_dht_time
 from convforever.model import ModelConfig, create_model
 from convforever.model.checkpoint import save_checkpoint
 
+from .access_http import PrivateRun
 from .http import HttpServer, LeaseApi
 from .hub import CardFacts, HubConfig, HubPublisher, Upload, loss_curve_png, model_card
 from .leases import LeaseLedger
@@ -68,6 +69,11 @@ class CoordinatorConfig:
     # Publishing checkpoints to the Hugging Face Hub: --hub-repo ORG/NAME, or --org ORG for ORG/ConvForever-{run_id}.
     hub_repo: Optional[str] = None
     hub_private: bool = False
+    # Access control (access.py): "private" runs admit only peers holding a certificate issued for a join token;
+    # public_status keeps the page and /api/status open in a private run. cert_ttl: certificate lifetime (s).
+    access: str = "public"
+    public_status: bool = False
+    cert_ttl: float = 600.0
 
     @property
     def ledger_path(self) -> Path:
@@ -86,6 +92,10 @@ class CoordinatorConfig:
             HubConfig(self.hub_repo)  # raises with what to pass instead
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"--http-port must be a TCP port (0 picks a free one), got {self.http_port}")
+        if self.access not in ("public", "private"):
+            raise ValueError(f"--access is public or private, got {self.access!r}")
+        if self.cert_ttl < 60:
+            raise ValueError(f"--cert-ttl must be >= 60 seconds (peers renew at half-life), got {self.cert_ttl}")
 
 
 def checkpoint_due(global_step: int, last_saved: int, every: int) -> bool:
@@ -157,18 +167,25 @@ class Coordinator:
         self.history = RunHistory(config.checkpoint_dir / "history.jsonl")
         self.board = StatusBoard()
         self.web = WebApi(self.board, checkpoint_dir=config.checkpoint_dir)
-        self.http = HttpServer(LeaseApi(self.ledger).routes() + self.web.routes(), config.http_host, config.http_port)
+        self.private = PrivateRun(config.run_id, config.checkpoint_dir, config.identity, config.cert_ttl,
+                                  config.public_status) if config.access == "private" else None
+        routes = LeaseApi(self.ledger).routes() + self.web.routes() + (self.private.routes() if self.private else [])
+        self.http = HttpServer(routes, config.http_host, config.http_port,
+                               middlewares=self.private.middlewares() if self.private else ())
         port = self.http.start()
         try:
             self.dht = hivemind.DHT(
                 start=True,
                 host_maddrs=config.host_maddrs,
                 announce_maddrs=config.announce_maddrs or None,
-                identity_path=str(config.identity) if config.identity else None,
+                **(self.private.member.dht_kwargs if self.private else
+                   dict(identity_path=str(config.identity) if config.identity else None)),
             )
         except BaseException:
             self.http.stop()
             raise
+        if self.private is not None:
+            self.private.member.tick(self.dht)  # our certificate and the revocation list, before any peer asks
         self.records = RunRecords(self.dht, config.run_id)
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         if config.maddrs_file:
@@ -207,16 +224,21 @@ class Coordinator:
                 self.model_info = None
                 logger.warning(f"peers announce a model this coordinator cannot build ({e}); not checkpointing")
                 return False
-            self.fetcher = StateFetcher(self.dht, self.config.run_id, model, timeout=self.config.state_timeout)
+            self.fetcher = StateFetcher(self.dht, self.config.run_id, model, timeout=self.config.state_timeout,
+                                        access=self.private.member.verifier() if self.private else None)
             self.model_config = model.config
             logger.info(f"swarm trains {info.name} (depth={info.depth}, {info.num_classes} classes, {info.image_size}px)")
         return True
 
     def tick(self) -> str:
-        view = swarm_view(self.records.progress())
-        # The step never goes back: when every peer has left, their progress records expire, not the run's step.
-        self.global_step = max(self.global_step, view.global_step)
+        view = swarm_view(self.records.progress(), steps=self.records.steps_by_owner())
+        # When every peer has left their progress records expire, not the run's step. While peers are there their
+        # plausible step is the step, even if lower than before: a liar believed while alone is outvoted later.
+        if view.num_peers:
+            self.global_step = view.global_step
         view = dataclasses.replace(view, global_step=self.global_step)
+        if self.private is not None:
+            self.private.member.tick(self.dht)
         metrics = self.records.metrics()
         leaving = [m.step for m in metrics if m.final and m.step > self.last_saved]
         due = checkpoint_due(view.global_step, self.last_saved, self.config.checkpoint_every)
@@ -297,3 +319,5 @@ class Coordinator:
         if self.fetcher is not None:
             self.fetcher.shutdown()
         self.dht.shutdown()
+        if self.private is not None:
+            self.private.close()

@@ -1,8 +1,8 @@
 """Download the swarm's current model state from a training peer, and refuse stale answers.
 
-Peers serve their state through hivemind's `TrainingStateAverager` (prefix ``{run_id}_state_averager``);
-its answer is (metadata, flat tensors) where the tensors are the optimizer's parameters in
-param-group order, then the optimizer statistics. We map them back to names with
+Peers serve their state through `GuardedTrainingStateAverager` (hivemind's `TrainingStateAverager` with the
+poisoning guard; prefix ``{run_id}_state_averager``); its answer is (metadata, flat tensors) where the tensors are
+the optimizer's parameters in param-group order, then the optimizer statistics. We map them back to names with
 `convforever.model.flat_parameter_names`, the same ordering the peers build their param groups with.
 
 hivemind's own `Optimizer.load_state_from_peers` returns None whether it loaded a state or
@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
-from hivemind.optim.state_averager import TrainingStateAverager
 
+from convforever.compression.guard import GuardedTrainingStateAverager
 from convforever.model import ConvNeXt, flat_parameter_names
 
 from .process import keep_signal_handlers
@@ -36,22 +36,23 @@ class FetchedState:
 
 
 class StateDownloader(DecentralizedAverager):
-    """A DecentralizedAverager that calls the peers' `TrainingStateAverager` download handler.
+    """A DecentralizedAverager that calls the peers' state averager's download handler.
 
-    hivemind names RPC handlers after the serving class (``{prefix}::TrainingStateAverager.rpc_download_state``),
-    so a plain DecentralizedAverager would ask for a protocol the peers do not speak. We need none of
-    TrainingStateAverager's optimizer machinery to download, only its handler names.
+    hivemind names RPC handlers after the serving class
+    (``{prefix}::GuardedTrainingStateAverager.rpc_download_state``), so a plain DecentralizedAverager would ask for a
+    protocol the peers do not speak. We need none of the state averager's optimizer machinery to download, only its
+    handler names.
     """
 
     @classmethod
     def get_stub(cls, p2p, peer, *, namespace=None):
-        return TrainingStateAverager.get_stub(p2p, peer, namespace=namespace)
+        return GuardedTrainingStateAverager.get_stub(p2p, peer, namespace=namespace)
 
 
 class StateFetcher:
     """A client-mode averager that never averages: it only downloads peers' state on demand."""
 
-    def __init__(self, dht: DHT, run_id: str, model: ConvNeXt, timeout: float = 60.0):
+    def __init__(self, dht: DHT, run_id: str, model: ConvNeXt, timeout: float = 60.0, access=None):
         self.names = flat_parameter_names(model)
         params = dict(model.named_parameters())
         self.shapes = [params[name].shape for name in self.names]
@@ -62,8 +63,12 @@ class StateFetcher:
                 dht=dht,
                 prefix=f"{run_id}_state_averager",
                 client_mode=True,  # do not announce ourselves as a state source or an averaging partner
-                start=True,
+                start=access is None,
             )
+            if access is not None:  # a private run: download only from certified donors (peer/access.py)
+                from convforever.peer.access import start_authorized
+
+                start_authorized(self.averager, access)
 
     def fetch(self, min_step: int, with_ema: bool = False) -> Optional[FetchedState]:
         """Return the state if a peer served one at step >= `min_step`, else None (and say why)."""

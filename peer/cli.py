@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 
-from convforever.compression import MODES, CompressionConfig
+from convforever.compression import LAYOUTS, MODES, WHOLE_CODECS, CompressionConfig
 from convforever.coordinator.process import install_stop_handlers, setup_logging
 from convforever.data.augment import AugmentConfig
 from convforever.model import MODEL_NAMES, ModelConfig
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", metavar="URL",
                    help="the coordinator's HTTP API (default: the URL it announces in the swarm)")
     p.add_argument("--data-root", help="read leased shards from this local copy of the coordinator's dataset")
+    p.add_argument("--token", help="join token of a private run, from its owner (default: $CONVFOREVER_TOKEN); "
+                   "needs --coordinator URL, where it is exchanged for this peer's access certificate")
     p.add_argument("--init-from", metavar="REPO_OR_DIR[@REV]",
                    help="start from this checkpoint (a folder, DIR@step-N, or a Hub repo ORG/REPO[@step-N]) instead "
                         "of the run's seeded initialisation; a swarm that is already ahead still wins")
@@ -77,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
     p.add_argument("--compression", choices=MODES, default=CompressionConfig().mode)
     p.add_argument("--rank", type=int, default=CompressionConfig().rank, help="PowerSGD rank")
+    p.add_argument("--powersgd-layout", choices=LAYOUTS, default=CompressionConfig().layout,
+                   help="flat: one 8-bit codebook per buffer instead of per tensor (fewer bytes, more drift)")
+    p.add_argument("--whole-codec", choices=WHOLE_CODECS, default=CompressionConfig().whole_codec,
+                   help="codec for the tensors PowerSGD leaves whole, under --powersgd-layout flat")
     p.add_argument("--max-steps", type=int, help="leave after this many global steps")
     p.add_argument("--min-peers", type=int, default=d.min_peers,
                    help="wait until this many training peers (this one included) are online before training")
@@ -117,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             run_id=args.run_id, data=args.data, initial_peers=args.initial_peers,
             model=ModelConfig(name=args.model, depth=args.depth, num_classes=args.num_classes,
                               drop_path_rate=args.drop_path),
-            compression=CompressionConfig(mode=args.compression, rank=args.rank),
+            compression=CompressionConfig(mode=args.compression, rank=args.rank, layout=args.powersgd_layout,
+                                          whole_codec=args.whole_codec),
             image_size=args.image_size, batch_size=args.batch_size, target_batch_size=args.target_batch_size,
             device=args.device, max_steps=args.max_steps, min_peers=args.min_peers, recipe=recipe_from_args(args),
             matchmaking_time=args.matchmaking_time,
@@ -125,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, client_mode=args.client_mode,
             num_workers=args.num_workers, threads=args.threads, seed=args.seed, report_every=args.report_every,
             save_on_exit=args.save_on_exit, exit_grace=args.exit_grace, coordinator_url=args.coordinator,
+            token=args.token or os.environ.get("CONVFOREVER_TOKEN") or None,  # peer/access.py TOKEN_ENV
             data_root=args.data_root, labels=args.labels, init_from=args.init_from, precision=args.precision,
             channels_last=args.channels_last, compile=args.compile, checkpointing=args.checkpointing,
             optimizer=args.optimizer, offload_optimizer=args.offload_optimizer, augment=augment, role=args.role,

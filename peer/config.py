@@ -65,6 +65,9 @@ class PeerConfig:
     # train: compute gradients on data; replica: follow every averaged step with weight 0 and serve the state
     role: str = "train"
     exit_grace: float = 60.0  # seconds to wait, at --max-steps, for the coordinator to checkpoint our final step
+    # A private run's join token (--token or CONVFOREVER_TOKEN), exchanged at coordinator_url for a certificate
+    # (peer/access.py); None: a public run.
+    token: Optional[str] = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -90,7 +93,10 @@ class PeerConfig:
                 raise ValueError(message)
 
     def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        if out.get("token"):
+            out["token"] = "<hidden>"  # the dict is logged; a join token is a secret
+        return out
 
 
 def recipe_settings(config: PeerConfig) -> dict:

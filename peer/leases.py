@@ -16,9 +16,10 @@ import json
 import logging
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from convforever.data.loader import Lease
 from convforever.data.shards import Shard
@@ -34,11 +35,15 @@ class LeaseRefused(Exception):
     """The coordinator answered no (lease lost, wrong peer, bad request): do not retry this call."""
 
 
-def call(url: str, body: Optional[dict] = None, timeout: float = 10.0) -> dict:
-    """One JSON request; GET without a body, POST with one."""
+def call(url: str, body: Optional[dict] = None, timeout: float = 10.0, auth=None) -> dict:
+    """One JSON request; GET without a body, POST with one. ``auth``: a private run's `RequestSigner`."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                     method="GET" if body is None else "POST")
+    method = "GET" if body is None else "POST"
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        parts = urllib.parse.urlsplit(url)
+        headers.update(auth.headers(method, parts.path + (f"?{parts.query}" if parts.query else ""), data or b""))
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read() or b"{}")
@@ -79,6 +84,7 @@ class CoordinatorShards:
     backoff: float = 2.0  # seconds before the first retry, doubling up to max_backoff
     max_backoff: float = 60.0
     max_empty: int = 20  # shards in a row without a usable row before a worker gives up
+    auth: Optional[Any] = None  # a private run's RequestSigner (peer/access.py): signs every call with our certificate
     _last: Optional[Lease] = field(default=None, repr=False)
     _undelivered: list[tuple[str, dict]] = field(default_factory=list, repr=False)
     _retry_at: float = field(default=0.0, repr=False)
@@ -89,7 +95,7 @@ class CoordinatorShards:
             if time.monotonic() >= self._retry_at:
                 try:
                     self._deliver()
-                    answer = call(f"{self.url}/api/v1/leases", {"peer_id": self.peer_id}, self.timeout)
+                    answer = call(f"{self.url}/api/v1/leases", {"peer_id": self.peer_id}, self.timeout, self.auth)
                 except CoordinatorGone as e:
                     self._failed(f"the coordinator at {self.url} does not answer ({e})")
                 except LeaseRefused as e:
@@ -122,7 +128,7 @@ class CoordinatorShards:
             return True
         try:
             call(f"{self.url}/api/v1/leases/{lease.lease_id}/renew",
-                 {"peer_id": self.peer_id, "rows_done": rows_done}, self.timeout)
+                 {"peer_id": self.peer_id, "rows_done": rows_done}, self.timeout, self.auth)
         except CoordinatorGone as e:  # it extends live leases when it comes back
             logger.warning(f"could not renew lease {lease.lease_id}: {e}; reading on")
         except LeaseRefused as e:
@@ -144,7 +150,7 @@ class CoordinatorShards:
         while self._undelivered:
             lease_id, body = self._undelivered[0]
             try:
-                call(f"{self.url}/api/v1/leases/{lease_id}/complete", body, self.timeout)
+                call(f"{self.url}/api/v1/leases/{lease_id}/complete", body, self.timeout, self.auth)
             except LeaseRefused as e:
                 logger.warning(f"the coordinator did not accept lease {lease_id} as done: {e}")
             self._undelivered.pop(0)
@@ -154,7 +160,7 @@ class CoordinatorShards:
             return
         try:
             call(f"{self.url}/api/v1/leases/{lease.lease_id}/release",
-                 {"peer_id": self.peer_id, "rows_done": rows_done}, timeout=3.0)
+                 {"peer_id": self.peer_id, "rows_done": rows_done}, timeout=3.0, auth=self.auth)
         except (CoordinatorGone, LeaseRefused) as e:
             logger.debug(f"could not release lease {lease.lease_id}: {e}")
 

@@ -37,6 +37,10 @@ class ProgressWindow:
         self.samples += batch_size
         self.skipped.update(skipped)
 
+    def skip(self, skipped: dict[str, int]) -> None:
+        """A batch that was read but not trained on (its loss was not finite): counted by reason, not as samples."""
+        self.skipped.update(skipped)
+
     def close(self) -> tuple[float, float]:
         """Return (mean loss, samples/s) for the window and start a new one."""
         now = time.monotonic()

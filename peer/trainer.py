@@ -25,6 +25,7 @@ from hivemind.p2p import P2PDaemonError
 from hivemind.utils import get_dht_time
 
 from convforever.compression import TrafficCounters, TrafficSnapshot, build_averaging_kwargs
+from convforever.compression.guard import GuardedTrainingStateAverager
 from convforever.coordinator.process import keep_signal_handlers
 from convforever.coordinator.protocol import METRICS_TTL, MODEL_TTL, ModelInfo, PeerMetrics, RunRecords
 from convforever.data import CATEGORIES, DataConfig, make_loader
@@ -33,8 +34,10 @@ from convforever.model import create_model, flat_parameter_names
 from convforever.model.checkpoint import load_checkpoint, save_checkpoint
 
 from .accel import autocast, grad_scaler, optimizer_class, prepare_model, resolve_precision
+from .access import AuthorizedFactory, join_private_run, start_authorized
 from .config import PeerConfig, recipe_hash
 from .leases import CoordinatorShards, reachable_url
+from .progress import PlausibleProgressTracker
 from .recipe import WeightEMA, blur_batch, build_optimizer_setup
 from .report import ProgressWindow, format_progress
 
@@ -52,10 +55,29 @@ class SwarmOptimizer(hivemind.Optimizer):
     a peer that keeps averaging alone is the first sign of a swarm falling apart.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, access=None, **kwargs):
+        self.access = access  # a private run's CertificateVerifier (peer/access.py); hivemind's __init__ needs it
         self.last_group_size = 0
         self.group_sizes: Counter = Counter()  # group size -> global steps taken in a group of that size (1 = alone)
         super().__init__(**kwargs)
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> PlausibleProgressTracker:
+        # hivemind's own method with the class swapped: a peer claiming a far-future epoch is not believed
+        return PlausibleProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
+                                        client_mode=self.client_mode, status_loglevel=self.status_loglevel,
+                                        start=True, **kwargs)
+
+    def _make_state_averager(self, **kwargs) -> GuardedTrainingStateAverager:
+        # hivemind's own method with the class swapped: state-averaging rounds drop NaN or absurd parameters too
+        averager = GuardedTrainingStateAverager(
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=self.access is None, **kwargs,
+        )
+        # A private run: the access checks go in before the averager's process starts (peer/access.py).
+        return averager if self.access is None else start_authorized(averager, self.access)
 
     def _update_global_epoch(self, grad_scaler):
         self._group_size = 1  # stays 1 when hivemind decides there is nobody to average with
@@ -93,6 +115,8 @@ class Peer:
             # Several CPU peers on one machine each default to every core; their spinning OpenMP
             # threads then starve one another (measured here: one peer at 1/10 of the other's speed).
             torch.set_num_threads(config.threads)
+        # A private run: exchange the join token for a certificate first, since the DHT runs as the certified key.
+        self.access = join_private_run(config.coordinator_url, config.token, config.run_id) if config.token else None
         try:
             self.dht = hivemind.DHT(
                 initial_peers=config.initial_peers,
@@ -100,13 +124,18 @@ class Peer:
                 announce_maddrs=config.announce_maddrs or None,
                 client_mode=config.client_mode,  # hivemind.Optimizer ignores its own client_mode argument
                 start=True,
+                **(self.access.dht_kwargs if self.access else {}),
             )
         except P2PDaemonError as e:
+            if self.access is not None:
+                self.access.close()
             raise SwarmUnreachable(
                 f"could not join the swarm through --initial-peers {' '.join(config.initial_peers)}: {e}. "
                 "Check that the coordinator is running and that the multiaddrs are the ones it printed "
                 "(its --maddrs-file), including the /p2p/... part."
             ) from None
+        if self.access is not None:
+            self.access.client.start(self.dht)  # publish our certificate, renew it in the background
         self.records = RunRecords(self.dht, config.run_id)
         data_seed = config.seed if config.seed is not None else int.from_bytes(self.dht.peer_id.to_bytes()[-4:], "big")
         self.source, self.loader = None, None
@@ -176,6 +205,9 @@ class Peer:
         request_timeout = min(3.0, config.matchmaking_time / 2)
         factory = averaging["grad_averager_factory"]
         averaging["grad_averager_factory"] = partial(factory, request_timeout=request_timeout)
+        verifier = self.access.client.verifier() if self.access is not None else None
+        if verifier is not None:  # a private run: only certified peers average with us or download our state
+            averaging["grad_averager_factory"] = AuthorizedFactory(averaging["grad_averager_factory"], verifier)
         return dict(
             dht=self.dht,
             run_id=config.run_id,
@@ -195,8 +227,11 @@ class Peer:
             averager_opts=dict(request_timeout=request_timeout),
             # While a tracker believes it is alone it refreshes every default_refresh_period (3 s); a
             # peer that reaches the target batch before it has seen the others steps alone and drifts.
-            tracker_opts=dict(default_refresh_period=1.0),
+            # A dead peer's record lives metadata_expiration (hivemind: 60 s), and while it does every survivor
+            # waits out averaging_timeout per step looking for it; 20 s (republished every 10 s) shortens that.
+            tracker_opts=dict(default_refresh_period=1.0, metadata_expiration=20.0, steps=self.records.steps_by_owner),
             verbose=False,
+            access=verifier,
             **averaging,
         )
 
@@ -223,7 +258,8 @@ class Peer:
             raise ValueError(f"the coordinator's API does not answer at {' '.join(urls)}: check that this machine "
                              "can reach it (firewall, --public-url on the coordinator), or pass --coordinator URL")
         logger.info(f"training on shards leased from the coordinator at {url}")
-        return CoordinatorShards(url, str(self.dht.peer_id), data_root=self.config.data_root)
+        return CoordinatorShards(url, str(self.dht.peer_id), data_root=self.config.data_root,
+                                 auth=self.access.client.signer() if self.access is not None else None)
 
     def _init_from(self, spec: str) -> None:
         """Load a checkpoint's weights (before the optimizer copies them); its architecture must be ours."""
@@ -289,13 +325,19 @@ class Peer:
         with autocast(self.precision, self.device):
             loss = augment_loss(self.forward(images), targets, self.config.augment)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        value = loss.item()
+        if not self.precision.scaled and not math.isfinite(value):
+            # Never hand the swarm a NaN: drop this batch's gradients before hivemind accumulates them. (fp16's
+            # GradScaler makes hivemind skip such a step itself; its .grad buffers hold earlier batches too.)
+            self.opt.zero_grad()
+            return value
         # Accumulates; every target_batch_size swarm samples hivemind averages, (un)scales and steps.
         self.opt.step(grad_scaler=self.scaler)
         if not self.precision.scaled:  # with reuse_grad_buffers hivemind resets the .grad buffers itself
             self.opt.zero_grad()
         if self.ema is not None:
             self.ema.on_global_step(self.model, self.opt.local_epoch)
-        return loss.item()
+        return value
 
     def finished(self) -> bool:
         return self.config.max_steps is not None and self.opt.local_epoch >= self.config.max_steps
@@ -312,7 +354,10 @@ class Peer:
             if stop.is_set() or self.finished():
                 break
             loss = self.train_step(batch.images, batch.labels)
-            self.window.observe(loss, len(batch.labels), batch.skipped)
+            if math.isfinite(loss):
+                self.window.observe(loss, len(batch.labels), batch.skipped)
+            else:
+                self.window.skip(Counter(batch.skipped) + Counter(nonfinite_loss=len(batch.labels)))
             if time.monotonic() - last_report >= self.config.report_every:
                 self.report()
                 last_report = time.monotonic()
@@ -370,3 +415,5 @@ class Peer:
         self.records.flush()
         self.opt.shutdown()
         self.dht.shutdown()
+        if self.access is not None:
+            self.access.close()

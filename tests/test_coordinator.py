@@ -9,7 +9,7 @@ import pytest
 import torch
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 
-from convforever.coordinator.protocol import PeerMetrics, mean_loss, swarm_view
+from convforever.coordinator.protocol import PeerMetrics, mean_loss, plausible_epoch_limit, swarm_view
 from convforever.coordinator.service import CoordinatorConfig, checkpoint_due, format_status
 from convforever.model import ModelConfig, create_model
 from convforever.model import checkpoint as ckpt
@@ -20,6 +20,11 @@ def progress(epoch: int, samples: int = 0, rate: float = 10.0, client: bool = Fa
                                  samples_per_second=rate, time=t, client_mode=client)
 
 
+def owned(*records) -> dict:
+    """Progress records keyed by a distinct owner key each, as RunRecords.progress() returns them."""
+    return {bytes([i]): record for i, record in enumerate(records)}
+
+
 def metrics(loss: float, rate: float = 10.0, **kw) -> PeerMetrics:
     base = dict(peer_id="p", step=3, loss=loss, samples_per_second=rate, samples=100, bytes_sent=4000,
                 bytes_received=4000, averaging_rounds=2, last_group_size=2, compression_ratio=50.0,
@@ -28,12 +33,26 @@ def metrics(loss: float, rate: float = 10.0, **kw) -> PeerMetrics:
 
 
 def test_swarm_view_takes_the_largest_epoch_and_counts_only_its_samples():
-    view = swarm_view([progress(4, 30), progress(5, 10), progress(5, 20, client=True)], now=100.0)
+    view = swarm_view(owned(progress(4, 30), progress(5, 10), progress(5, 20, client=True)), now=100.0)
     assert (view.global_step, view.num_peers, view.num_clients, view.samples_accumulated) == (5, 2, 1, 30)
     assert view.samples_per_second == pytest.approx(30.0)
-    assert swarm_view([], now=0).global_step == 0
+    assert swarm_view({}, now=0).global_step == 0
     # a record stamped far in the future does not get to set the step
-    assert swarm_view([progress(3), progress(99, t=10_000.0)], now=100.0).global_step == 3
+    assert swarm_view(owned(progress(3), progress(99, t=10_000.0)), now=100.0).global_step == 3
+
+
+def test_a_far_future_epoch_claim_is_not_believed_unless_half_the_swarm_makes_it():
+    honest = [progress(7, 30), progress(7, 20), progress(8, 5)]  # mid-transition: one peer already at 8
+    liar = progress(10**6, 1000)
+    view = swarm_view(owned(*honest, liar), now=100.0)
+    assert (view.global_step, view.num_peers, view.samples_accumulated) == (8, 3, 5)
+    assert swarm_view(owned(progress(0), progress(100)), now=100.0).global_step == 100  # a joiner sees the swarm
+    # peers that have not trained yet publish no progress, but their metrics records vote
+    alone = owned(liar)
+    assert swarm_view(alone, now=100.0).global_step == 10**6
+    assert swarm_view(alone, now=100.0, steps={b"h1": 0, b"h2": 0}).global_step == 0
+    assert plausible_epoch_limit([10**6, 10**6, 3, 3]) == 10**6 + 1  # half the swarm can move it
+    assert plausible_epoch_limit([10**6, 3, 3]) == 4
 
 
 def test_checkpoint_schedule():
@@ -50,7 +69,7 @@ def test_mean_loss_weights_by_throughput_and_ignores_nan():
 
 
 def test_status_line_shows_the_swarm():
-    line = format_status(swarm_view([progress(7, rate=12.5)], now=100.0), [metrics(0.5), metrics(0.7)], 5)
+    line = format_status(swarm_view(owned(progress(7, rate=12.5)), now=100.0), [metrics(0.5), metrics(0.7)], 5)
     for part in ("step 7", "peers 1", "loss 0.6000", "12.5 samples/s", "0.00 MB/round/peer (50x vs fp32)", "skipped 4",
                  "checkpoint step-5"):
         assert part in line, line

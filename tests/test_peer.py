@@ -5,13 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from convforever.compression import TrafficSnapshot
 from convforever.peer.cli import parse_args
-from convforever.peer.report import ProgressWindow, format_progress, human_bytes
 from convforever.peer.recipe import lr_factor
+from convforever.peer.report import ProgressWindow, format_progress, human_bytes
 
 
 def test_warmup_is_linear_in_the_global_step():
@@ -133,3 +134,24 @@ def test_lean_peer_trains_with_8bit_adamw_and_checkpointing(tmp_path):
     wrong = subprocess.run([sys.executable, "-m", "convforever.peer.cli", "--run-id", "x", "--data", str(tmp_path / "data"),
                             "--precision", "bf16", "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert wrong.returncode != 0 and "needs a CUDA device" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+@pytest.mark.slow
+def test_a_batch_with_a_non_finite_loss_is_skipped_not_averaged(tmp_path):
+    """A peer whose every other forward pass gives NaN (tests/faulty_peer.py) keeps training on the good batches:
+    its weights stay finite, and the progress line counts the dropped batches."""
+    from convforever.data import write_demo_dataset
+    from convforever.model.checkpoint import load_checkpoint
+
+    write_demo_dataset(tmp_path / "data", train_rows=96, eval_rows=8, image_size=32, num_shards=1)
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("faulty_peer.py")), "nan-loss", "--", "--run-id", "nanloss",
+         "--data", str(tmp_path / "data" / "train"), "--image-size", "32", "--batch-size", "8",
+         "--target-batch-size", "16", "--max-steps", "3", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
+         "--num-workers", "0", "--exit-grace", "0", "--report-every", "0.2", "--save-on-exit", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nonfinite_loss" in result.stdout, result.stdout[-3000:]
+    model, meta = load_checkpoint(tmp_path / "out")
+    assert meta["step"] == 3
+    assert all(value.isfinite().all() for value in model.state_dict().values() if value.is_floating_point())

@@ -9,7 +9,9 @@ different recipe must refuse to follow.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -45,7 +47,8 @@ def test_recipe_hash_covers_the_recipe_and_nothing_local():
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # so a kill of the group ends its hivemind children too
 
 
 def wait_for(path: Path, pattern: str, procs: list[subprocess.Popen], timeout: float) -> re.Match:
@@ -96,13 +99,13 @@ def swarm(tmp_path_factory):
     finally:
         for p in procs.values():
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         coordinator.send_signal(2)
         try:
             coordinator.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            coordinator.kill()
+            os.killpg(coordinator.pid, signal.SIGKILL)
             coordinator.wait()
     logs = {name: (work / f"{name}.log").read_text(errors="replace") for name in [*procs, "coordinator"]}
     return work, codes, logs, before_join

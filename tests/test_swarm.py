@@ -14,10 +14,10 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
+import procs
 import pytest
 import torch
 from browser import check_page
@@ -35,17 +35,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
 def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-
-
-def wait_for_text(path: Path, proc: subprocess.Popen, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and path.read_text().strip():
-            return path.read_text()
-        assert proc.poll() is None, f"process exited early with {proc.returncode}"
-        time.sleep(0.2)
-    raise TimeoutError(path)
+    return procs.start([sys.executable, "-m", *args], log, env)
 
 
 HUB_REPO = "convforever-test/ConvForever-t"
@@ -70,7 +60,7 @@ def run_swarm(work: Path, hub: HubServer):
     page: dict = {}
     peers = []
     try:
-        initial = wait_for_text(maddrs, coordinator, 60).split()
+        initial = procs.wait_for_text(maddrs, coordinator, 60).split()
         for i in range(2):
             peers.append(start([
                 "convforever.peer.cli", "--initial-peers", *initial, "--run-id", "t", "--data", str(work / "data" / "train"),
@@ -97,13 +87,12 @@ def run_swarm(work: Path, hub: HubServer):
             page["metrics"] = response.read().decode()
     finally:
         for p in peers:
-            if p.poll() is None:
-                p.kill()
+            procs.kill(p)
         coordinator.send_signal(2)
         try:
             coordinator_code = coordinator.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            coordinator.kill()
+            procs.kill(coordinator)
             coordinator_code = "did not stop within 30 s of SIGINT"
     logs = {name: (work / f"{name}.log").read_text() for name in ("peer0", "peer1", "coordinator")}
     hub_tags = sorted((t.name for t in HfApi(endpoint=hub.url, token=hub.token).list_repo_refs(HUB_REPO).tags),

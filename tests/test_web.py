@@ -75,7 +75,7 @@ def simulate_run(history: RunHistory, ticks: int = 20, t0: float | None = None, 
                                    skipped={"no_label": i}))
             progress.append(LocalTrainingProgress(peer_id=b"b", epoch=step, samples_accumulated=64,
                                                   samples_per_second=17.0, time=now, client_mode=False))
-        current = swarm_view(progress, now=now)
+        current = swarm_view({p.peer_id: p for p in progress}, now=now)
         history.record(current, records, now=now)
     trained[PEER_B] += b_process
     return current, records, now, trained

@@ -1,0 +1,62 @@
+"""The peer's view of the swarm's progress: hivemind's tracker, deaf to implausible epoch claims.
+
+hivemind's ``ProgressTracker`` takes the largest epoch any peer claims as the global one. A peer that claims a
+far-future epoch (a bug, a clock gone wrong, malice) would then put every honest peer out of sync: each would try
+to download that epoch's state, fail or load a stale one, and try again instead of training (and, while out of
+sync, publish no progress of its own that could outvote the claim).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Mapping, Optional
+
+from hivemind.optim.progress_tracker import GlobalTrainingProgress, ProgressTracker
+
+from convforever.coordinator.protocol import plausible_epoch_limit
+
+logger = logging.getLogger(__name__)
+
+STEPS_REFRESH = 5.0  # seconds between reads of the peers' metrics records (one DHT get each)
+
+
+class PlausibleProgressTracker(ProgressTracker):
+    """Drops progress records whose epoch exceeds ``plausible_epoch_limit`` before hivemind folds them.
+
+    Voters: every progress record, our own epoch, and (``steps``: owner key -> step, from the peers' metrics
+    records) every peer that has not trained yet. The coordinator applies the same rule (``swarm_view``), so its
+    step agrees. A dropped record's samples and throughput are ignored too: a record that lies about its epoch
+    says nothing trustworthy about the rest.
+    """
+
+    def __init__(self, *args: Any, steps: Optional[Callable[[], Mapping[bytes, int]]] = None, **kwargs: Any) -> None:
+        self._steps_source = steps
+        self._steps: Mapping[bytes, int] = {}
+        self._steps_read = -float("inf")
+        self._ignored: set[Any] = set()  # owners already warned about
+        super().__init__(*args, **kwargs)
+
+    def _known_steps(self) -> Mapping[bytes, int]:
+        if self._steps_source is not None and time.monotonic() - self._steps_read > STEPS_REFRESH:
+            self._steps_read = time.monotonic()
+            try:
+                self._steps = self._steps_source()
+            except Exception as e:  # a DHT hiccup must not stop the tracker; the progress records still vote
+                logger.debug(f"could not read the peers' steps: {e!r}")
+        return self._steps
+
+    def _parse_swarm_progress_data(self, metadata: Any) -> GlobalTrainingProgress:
+        if isinstance(metadata, dict) and metadata:
+            claims = {owner: entry.value for owner, entry in metadata.items() if isinstance(entry.value, dict)}
+            votes = {**self._known_steps(), self._local_public_key: self.local_progress.epoch}
+            votes.update({owner: int(value.get("epoch", 0)) for owner, value in claims.items()
+                          if not value.get("client_mode", False)})
+            limit = plausible_epoch_limit(list(votes.values()))
+            implausible = {owner for owner, value in claims.items() if int(value.get("epoch", 0)) > limit}
+            for owner in implausible - self._ignored:
+                logger.warning(f"ignoring a peer that claims epoch {claims[owner].get('epoch')} while most of the "
+                               f"swarm is at {limit - 1} or below (a wrong clock, a bug, or an attack)")
+            self._ignored |= implausible
+            metadata = {owner: entry for owner, entry in metadata.items() if owner not in implausible}
+        return super()._parse_swarm_progress_data(metadata)
