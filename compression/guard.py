@@ -7,8 +7,9 @@ state-averaging round. Two places see foreign data, and both are guarded here:
 * as a **reducer**, the parts each sender streams to us: ``GuardedTensorPartReducer`` waits until every sender's
   contribution to a part is in, then drops the ones that are non-finite (or carry a non-finite or negative weight) or
   whose RMS is more than ``max_norm_ratio`` times the reference, and averages the rest. The reference is our own
-  contribution, the one thing we know is honest: the RMS of our part, but at least the RMS of everything we average
-  in this all-reduce (a part of ours that happens to be near zero must not make every honest peer's look absurd).
+  contribution, the one thing we know is honest: the RMS of our part, but at least 1e-3 of the RMS of everything we
+  average in this all-reduce (a part of ours that happens to be near zero must not make every honest peer's look
+  absurd).
   A peer that reduces without contributing (an auxiliary peer) uses the median of the senders' RMS instead, which
   resists a minority of attackers but not one attacker in a pair.
 * as a **sender**, the averaged deltas each reducer streams back: ``GuardedAllReduceRunner`` replaces a delta that is
@@ -40,6 +41,11 @@ logger = logging.getLogger(__name__)
 
 # An honest contribution differs from ours by the noise between two batches, a few times at most; 1000x is "absurd".
 MAX_NORM_RATIO = 1e3
+
+# The least reference, as a fraction of the RMS of all we average in one all-reduce: low enough that a 1e6x part of a
+# small-scale tensor (a bias next to big factors) is still refused, high enough that a part of ours that is ~0 does
+# not make every honest peer's look absurd.
+FLOOR_FRACTION = 1e-3
 
 RejectCallback = Callable[[int, int, str], None]  # (sender index, part index, reason)
 
@@ -145,7 +151,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
         self.max_norm_ratio = max_norm_ratio
         self._rejected: dict[Any, set[str]] = {}  # peer -> reasons, logged once per peer and all-reduce
         own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
-        self._floor = _total_rms(self.tensor_part_container.local_tensors)
+        self._floor = FLOOR_FRACTION * _total_rms(self.tensor_part_container.local_tensors)
         self.tensor_part_reducer = GuardedTensorPartReducer(
             self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders, own, max_norm_ratio,
             on_reject=lambda sender, _part, reason: self._note_rejection(self.sender_peer_ids[sender], reason),

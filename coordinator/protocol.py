@@ -196,8 +196,10 @@ class SwarmView:
     samples_per_second: float
 
 
-# Peers step together, so at any moment the honest ones are on one epoch or, mid-transition, the next one.
-EPOCH_SLACK = 1
+# How far above the epoch half the swarm has reached a claim may be and still be believed. Honest peers step
+# together, but the votes of peers that have not trained yet come from metrics records a few seconds old, and a group
+# that started first can be several fast steps ahead; a far-future claim (the attack) is far beyond this.
+EPOCH_SLACK = 16
 
 
 def plausible_epoch_limit(epochs: Sequence[int]) -> int:

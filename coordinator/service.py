@@ -30,6 +30,7 @@ from .http import HttpServer, LeaseApi
 from .hub import CardFacts, HubConfig, HubPublisher, Upload, loss_curve_png, model_card
 from .leases import LeaseLedger
 from .protocol import (
+    EPOCH_SLACK,
     CheckpointInfo,
     CoordinatorInfo,
     ModelInfo,
@@ -232,9 +233,10 @@ class Coordinator:
 
     def tick(self) -> str:
         view = swarm_view(self.records.progress(), steps=self.records.steps_by_owner())
-        # When every peer has left their progress records expire, not the run's step. While peers are there their
-        # plausible step is the step, even if lower than before: a liar believed while alone is outvoted later.
-        if view.num_peers:
+        # The step does not go back when peers leave and their records expire, nor by one while the last records
+        # are stale; it drops further only when the peers present outvote it (a liar believed while alone).
+        if view.num_peers and (view.global_step > self.global_step
+                               or self.global_step - view.global_step > EPOCH_SLACK):
             self.global_step = view.global_step
         view = dataclasses.replace(view, global_step=self.global_step)
         if self.private is not None:

@@ -9,7 +9,6 @@ sync, publish no progress of its own that could outvote the claim).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable, Mapping, Optional
 
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, ProgressTracker
@@ -17,9 +16,6 @@ from hivemind.optim.progress_tracker import GlobalTrainingProgress, ProgressTrac
 from convforever.coordinator.protocol import plausible_epoch_limit
 
 logger = logging.getLogger(__name__)
-
-STEPS_REFRESH = 5.0  # seconds between reads of the peers' metrics records (one DHT get each)
-
 
 class PlausibleProgressTracker(ProgressTracker):
     """Drops progress records whose epoch exceeds ``plausible_epoch_limit`` before hivemind folds them.
@@ -32,19 +28,12 @@ class PlausibleProgressTracker(ProgressTracker):
 
     def __init__(self, *args: Any, steps: Optional[Callable[[], Mapping[bytes, int]]] = None, **kwargs: Any) -> None:
         self._steps_source = steps
-        self._steps: Mapping[bytes, int] = {}
-        self._steps_read = -float("inf")
         self._ignored: set[Any] = set()  # owners already warned about
         super().__init__(*args, **kwargs)
 
     def _known_steps(self) -> Mapping[bytes, int]:
-        if self._steps_source is not None and time.monotonic() - self._steps_read > STEPS_REFRESH:
-            self._steps_read = time.monotonic()
-            try:
-                self._steps = self._steps_source()
-            except Exception as e:  # a DHT hiccup must not stop the tracker; the progress records still vote
-                logger.debug(f"could not read the peers' steps: {e!r}")
-        return self._steps
+        # a cached dict the peer's main thread refreshes: this thread makes no DHT calls of its own
+        return self._steps_source() if self._steps_source is not None else {}
 
     def _parse_swarm_progress_data(self, metadata: Any) -> GlobalTrainingProgress:
         if isinstance(metadata, dict) and metadata:

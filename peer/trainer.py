@@ -48,6 +48,9 @@ class SwarmUnreachable(RuntimeError):
     """No initial peer answered: the user must fix the address or start the coordinator."""
 
 
+KNOWN_STEPS_REFRESH = 5.0  # seconds between reads of the peers' metrics records for the epoch vote
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer that remembers how many peers each gradient all-reduce really had.
 
@@ -137,6 +140,8 @@ class Peer:
         if self.access is not None:
             self.access.client.start(self.dht)  # publish our certificate, renew it in the background
         self.records = RunRecords(self.dht, config.run_id)
+        self.known_steps: dict[bytes, int] = {}  # owner key -> step, refreshed by the main thread
+        self.known_steps_read = -math.inf
         data_seed = config.seed if config.seed is not None else int.from_bytes(self.dht.peer_id.to_bytes()[-4:], "big")
         self.source, self.loader = None, None
         if self.needs_data:
@@ -229,7 +234,8 @@ class Peer:
             # peer that reaches the target batch before it has seen the others steps alone and drifts.
             # A dead peer's record lives metadata_expiration (hivemind: 60 s), and while it does every survivor
             # waits out averaging_timeout per step looking for it; 20 s (republished every 10 s) shortens that.
-            tracker_opts=dict(default_refresh_period=1.0, metadata_expiration=20.0, steps=self.records.steps_by_owner),
+            # steps: read from the main thread (refresh_known_steps); the tracker's thread only reads the dict.
+            tracker_opts=dict(default_refresh_period=1.0, metadata_expiration=20.0, steps=lambda: self.known_steps),
             verbose=False,
             access=verifier,
             **averaging,
@@ -291,6 +297,7 @@ class Peer:
         self.publish(math.nan, 0.0)  # hivemind's tracker stays silent until a peer has samples: say we are here
         while not stop.is_set():
             now = get_dht_time()
+            self.refresh_known_steps()
             seen = len({m.peer_id for m in self.records.metrics() if not m.final and m.time > now - METRICS_TTL})
             if seen >= self.config.min_peers:
                 return
@@ -375,7 +382,14 @@ class Peer:
         print(format_progress(self.opt.local_epoch, loss, rate, peers, traffic, self.opt.last_group_size, self.window.skipped), flush=True)
         self.publish(loss, rate, final, traffic)
 
+    def refresh_known_steps(self) -> None:
+        """The peers' steps from their metrics records, for the progress tracker's plausibility vote."""
+        if time.monotonic() - self.known_steps_read > KNOWN_STEPS_REFRESH:
+            self.known_steps_read = time.monotonic()
+            self.known_steps = self.records.steps_by_owner()
+
     def publish(self, loss: float, rate: float, final: bool = False, traffic: Optional[TrafficSnapshot] = None) -> None:
+        self.refresh_known_steps()
         """Tell the swarm (and the coordinator's status line and checkpoints) how we are doing."""
         traffic = traffic or self.counters.snapshot()
         if time.monotonic() - self.model_published > MODEL_TTL / 2:  # static: refresh it before it expires
