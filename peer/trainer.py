@@ -232,10 +232,8 @@ class Peer:
             averager_opts=dict(request_timeout=request_timeout),
             # While a tracker believes it is alone it refreshes every default_refresh_period (3 s); a
             # peer that reaches the target batch before it has seen the others steps alone and drifts.
-            # A dead peer's record lives metadata_expiration (hivemind: 60 s), and while it does every survivor
-            # waits out averaging_timeout per step looking for it; 20 s (republished every 10 s) shortens that.
             # steps: read from the main thread (refresh_known_steps); the tracker's thread only reads the dict.
-            tracker_opts=dict(default_refresh_period=1.0, metadata_expiration=20.0, steps=lambda: self.known_steps),
+            tracker_opts=dict(default_refresh_period=1.0, steps=lambda: self.known_steps),
             verbose=False,
             access=verifier,
             **averaging,
