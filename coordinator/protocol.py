@@ -144,14 +144,11 @@ class RunRecords:
                     continue  # validators already drop bad records on store; this guards local caches
         return records
 
-    def steps_by_owner(self) -> dict[bytes, int]:
-        """Each live peer's step from its metrics record, keyed by its owner key.
-
-        A peer signs its metrics and hivemind's progress record with the same process-wide key, so the keys match
-        those of the progress records; a peer that has not trained yet (hivemind publishes no progress before the
-        first samples) is known only from here.
-        """
-        return {owner: m.step for owner, m in self._fetch_by_owner("metrics", PeerMetrics).items() if not m.final}
+    def metrics_by_owner(self) -> dict[bytes, PeerMetrics]:
+        """Peers' metrics records keyed by owner key: the same process-wide key that signs hivemind's progress
+        records, so ``steps_of`` can vote for peers that have not trained yet (hivemind publishes no progress
+        before the first samples)."""
+        return self._fetch_by_owner("metrics", PeerMetrics)
 
     def publish_metrics(self, metrics: PeerMetrics) -> None:
         self._store("metrics", metrics, METRICS_TTL)
@@ -200,6 +197,11 @@ class SwarmView:
 # together, but the votes of peers that have not trained yet come from metrics records a few seconds old, and a group
 # that started first can be several fast steps ahead; a far-future claim (the attack) is far beyond this.
 EPOCH_SLACK = 16
+
+
+def steps_of(metrics: Mapping[bytes, PeerMetrics]) -> dict[bytes, int]:
+    """Each live (not leaving) peer's step, by owner key: its vote in ``plausible_epoch_limit``."""
+    return {owner: m.step for owner, m in metrics.items() if not m.final}
 
 
 def plausible_epoch_limit(epochs: Sequence[int]) -> int:

@@ -38,6 +38,7 @@ from .protocol import (
     RunRecords,
     SwarmView,
     mean_loss,
+    steps_of,
     swarm_view,
 )
 from .state import StateFetcher
@@ -232,7 +233,9 @@ class Coordinator:
         return True
 
     def tick(self) -> str:
-        view = swarm_view(self.records.progress(), steps=self.records.steps_by_owner())
+        by_owner = self.records.metrics_by_owner()  # one read serves the epoch vote and the status
+        metrics = list(by_owner.values())
+        view = swarm_view(self.records.progress(), steps=steps_of(by_owner))
         # The step does not go back when peers leave and their records expire, nor by one while the last records
         # are stale; it drops further only when the peers present outvote it (a liar believed while alone).
         if view.num_peers and (view.global_step > self.global_step
@@ -241,7 +244,6 @@ class Coordinator:
         view = dataclasses.replace(view, global_step=self.global_step)
         if self.private is not None:
             self.private.member.tick(self.dht)
-        metrics = self.records.metrics()
         leaving = [m.step for m in metrics if m.final and m.step > self.last_saved]
         due = checkpoint_due(view.global_step, self.last_saved, self.config.checkpoint_every)
         if (due or leaving) and view.num_peers > 0 and self._ensure_model():

@@ -27,7 +27,7 @@ from hivemind.utils import get_dht_time
 from convforever.compression import TrafficCounters, TrafficSnapshot, build_averaging_kwargs
 from convforever.compression.guard import GuardedTrainingStateAverager
 from convforever.coordinator.process import keep_signal_handlers
-from convforever.coordinator.protocol import METRICS_TTL, MODEL_TTL, ModelInfo, PeerMetrics, RunRecords
+from convforever.coordinator.protocol import METRICS_TTL, MODEL_TTL, ModelInfo, PeerMetrics, RunRecords, steps_of
 from convforever.data import CATEGORIES, DataConfig, make_loader
 from convforever.data.augment import augment_batch, augment_loss
 from convforever.model import create_model, flat_parameter_names
@@ -384,7 +384,7 @@ class Peer:
         """The peers' steps from their metrics records, for the progress tracker's plausibility vote."""
         if time.monotonic() - self.known_steps_read > KNOWN_STEPS_REFRESH:
             self.known_steps_read = time.monotonic()
-            self.known_steps = self.records.steps_by_owner()
+            self.known_steps = steps_of(self.records.metrics_by_owner())
 
     def publish(self, loss: float, rate: float, final: bool = False, traffic: Optional[TrafficSnapshot] = None) -> None:
         self.refresh_known_steps()

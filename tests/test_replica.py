@@ -9,14 +9,13 @@ different recipe must refuse to follow.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import procs as processes
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -47,8 +46,7 @@ def test_recipe_hash_covers_the_recipe_and_nothing_local():
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # so a kill of the group ends its hivemind children too
+    return processes.start([sys.executable, "-m", *args], log)
 
 
 def wait_for(path: Path, pattern: str, procs: list[subprocess.Popen], timeout: float) -> re.Match:
@@ -98,15 +96,12 @@ def swarm(tmp_path_factory):
         codes = {name: p.wait(timeout=240) for name, p in procs.items()}
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            processes.kill(p)
         coordinator.send_signal(2)
         try:
             coordinator.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(coordinator.pid, signal.SIGKILL)
-            coordinator.wait()
+            processes.kill(coordinator)
     logs = {name: (work / f"{name}.log").read_text(errors="replace") for name in [*procs, "coordinator"]}
     return work, codes, logs, before_join
 
