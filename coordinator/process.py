@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -13,6 +14,9 @@ logger = logging.getLogger(__name__)
 
 
 def setup_logging(verbose: bool) -> None:
+    # A crash in native code (torch, the p2p bindings, uvloop) then prints every thread's Python stack
+    # to stderr, which is what a bug report needs; the cost is nothing until a fatal signal arrives.
+    faulthandler.enable(all_threads=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.INFO if verbose else logging.ERROR)  # CPU-kernel notices

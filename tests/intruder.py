@@ -73,12 +73,12 @@ def grad_averager_classes() -> list[type]:
             if issubclass(cls, DecentralizedAverager) and cls.__module__.startswith("convforever")]
 
 
-async def attack_peer(args, dht: hivemind.DHT) -> dict[str, list[str]]:
+async def attack_peer(args, dht: hivemind.DHT) -> dict:
     p2p = await dht.replicate_p2p()
     address, _, target = args.target.rpartition("/p2p/")
     target_id = PeerID.from_base58(target)
     await p2p._client.connect(target_id, [Multiaddr(address)])
-    seen: dict[str, list[str]] = {"join": [], "aggregate": [], "download": []}
+    seen: dict = {"join": [], "aggregate": [], "download": [], "peer_id": p2p.peer_id.to_base58()}
 
     async def outcome(name: str, call) -> None:
         try:
