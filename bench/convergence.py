@@ -14,7 +14,8 @@ all-reduce and applies its own (uncompressed) accumulated gradient, i.e. plain l
 
     python bench/convergence.py [--steps 60] [--modes baseline none powersgd-8bit:4 ...] [--reuse] [--no-append]
 
-A mode is ``baseline`` or ``MODE[:RANK]`` with MODE one of ``--compression``'s choices (RANK for PowerSGD).
+A mode is ``baseline`` or ``MODE[:RANK][+wN]`` with MODE one of ``--compression``'s choices (RANK for PowerSGD;
+``+wN``: ``--powersgd-warmup N``, the first N global steps average whole gradients).
 The ``none`` swarm averages exactly, so its distance from the baseline is the comparison's own noise (which
 samples each peer leased, in which order, when each all-reduce happened): read the other rows against it.
 """
@@ -132,6 +133,7 @@ class RunSpec:
     mode: str  # a --compression choice ("none" for the baseline, whose peer never averages)
     rank: Optional[int]
     peers: int
+    warmup: int = 0  # --powersgd-warmup: global steps of whole-gradient averaging before PowerSGD
 
 
 @dataclass
@@ -178,13 +180,18 @@ def parse_mode(spec: str, peers: int = 2) -> RunSpec:
     """``baseline`` or ``MODE[:RANK]`` -> RunSpec; a bad spec fails before anything starts."""
     if spec == BASELINE:
         return RunSpec(BASELINE, "none", None, 1)
-    mode, _, rank = spec.partition(":")
+    head, _, warm = spec.partition("+w")
+    if warm and not warm.isdigit():
+        raise ValueError(f"mode {spec!r}: +wN takes a whole number of warm-up steps")
+    mode, _, rank = head.partition(":")
+    if warm and not mode.startswith("powersgd"):
+        raise ValueError(f"mode {spec!r}: only PowerSGD modes take a warm-up (+wN)")
     if mode not in MODES:
         raise ValueError(f"mode {spec!r}: use {BASELINE} or one of {', '.join(MODES)}, with :RANK for PowerSGD")
     if rank and not mode.startswith("powersgd"):
         raise ValueError(f"mode {spec!r}: only PowerSGD modes take a rank")
     if mode.startswith("powersgd"):
-        return RunSpec(spec, mode, int(rank or 4), peers)
+        return RunSpec(spec, mode, int(rank or 4), peers, int(warm or 0))
     return RunSpec(spec, mode, None, peers)
 
 
@@ -287,6 +294,8 @@ def peer_argv(config: BenchConfig, spec: RunSpec, initial_peers: list[str], inde
     ]
     if spec.rank is not None:
         argv += ["--rank", str(spec.rank)]
+    if spec.warmup:
+        argv += ["--powersgd-warmup", str(spec.warmup)]
     return argv
 
 

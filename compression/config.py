@@ -31,6 +31,9 @@ class CompressionConfig:
       absmax) mix small factors with large ones, and the two peers of tests/test_swarm.py ended 0.55-0.75 of the
       distance training moved them apart, against 0.01-0.30 per tensor. Peers with different layouts cannot
       average with each other.
+    :param warmup_steps: under PowerSGD, the first global steps average whole gradients (with the mode's
+      whole-tensor codec, 8-bit blockwise under ``powersgd-8bit``) before PowerSGD takes over, as PyTorch's PowerSGD
+      hook does (``start_powerSGD_iter``); see ``warmup.py`` and the parity bench in bench/RESULTS.md.
     :param whole_codec: under ``powersgd-8bit`` with the flat layout, how the tensors PowerSGD does not factorize
       (biases, norms, layer scales: ~65k values in ConvNeXt-T) travel. Unlike the factors they get no error
       feedback, so whatever the codec loses is lost for good: ``fp16`` (scaled) loses ~1e-3, ``8bit`` ~1e-2 and
@@ -43,6 +46,7 @@ class CompressionConfig:
     min_8bit_numel: int = 2048
     layout: str = "per-tensor"  # flat makes peers' averaged gradients disagree more (see layout above)
     whole_codec: str = "fp16"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -57,6 +61,8 @@ class CompressionConfig:
             raise ValueError(f"unknown PowerSGD layout {self.layout!r}; choose one of: {', '.join(LAYOUTS)}")
         if self.whole_codec not in WHOLE_CODECS:
             raise ValueError(f"unknown whole-tensor codec {self.whole_codec!r}; choose one of: {', '.join(WHOLE_CODECS)}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"--powersgd-warmup must be an integer >= 0, got {self.warmup_steps!r}")
         if self.min_8bit_numel < 0:
             raise ValueError(f"min_8bit_numel must be >= 0, got {self.min_8bit_numel!r}")
 

@@ -16,6 +16,7 @@ from .config import CompressionConfig
 from .counters import TrafficCounters, fp32_bytes
 from .counting import CountingAveragerMixin, CountingCompression
 from .flat import FlatPowerSGDGradientAverager
+from .warmup import PowerSGDWarmupMixin
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class CountingGradientAverager(CountingAveragerMixin, GradientAverager):
     """hivemind's plain gradient averager (modes none / fp16 / 8bit), with traffic counting."""
 
 
-class CountingPowerSGDGradientAverager(CountingAveragerMixin, PowerSGDGradientAverager):
+class CountingPowerSGDGradientAverager(PowerSGDWarmupMixin, CountingAveragerMixin, PowerSGDGradientAverager):
     """hivemind's PowerSGD averager: rank-r P/Q factors with error feedback (``_ms``) and warm-started Q (``_qs``).
 
     Tensors it does not factorize (1-D, or saving < ``min_compression_ratio``) travel whole in the Q phase.
@@ -34,7 +35,7 @@ class CountingPowerSGDGradientAverager(CountingAveragerMixin, PowerSGDGradientAv
     """
 
 
-class CountingFlatPowerSGDGradientAverager(CountingAveragerMixin, FlatPowerSGDGradientAverager):
+class CountingFlatPowerSGDGradientAverager(PowerSGDWarmupMixin, CountingAveragerMixin, FlatPowerSGDGradientAverager):
     """The same PowerSGD maths with each phase sent as flat buffers (the ``flat`` layout, see ``flat.py``)."""
 
 
@@ -53,7 +54,8 @@ class GradientAveragerFactory:
         if not self.config.uses_powersgd:
             return CountingGradientAverager(traffic=self.traffic, **kwargs)
         cls = CountingFlatPowerSGDGradientAverager if self.config.layout == "flat" else CountingPowerSGDGradientAverager
-        averager = cls(averager_rank=self.config.rank, traffic=self.traffic, **kwargs)
+        averager = cls(averager_rank=self.config.rank, traffic=self.traffic, warmup_steps=self.config.warmup_steps,
+                       **kwargs)
         _reseed_warm_start(averager)
         return averager
 

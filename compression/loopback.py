@@ -130,10 +130,15 @@ def _run_grad_mode(spec: GroupSpec, peer: int, label: str, config: CompressionCo
         parameters=params, dht=dht, prefix=prefix, compression=kwargs["grad_compression"], **_group_kwargs(spec)
     )
     opened.append(averager)
-    errors, per_tensor = (math.nan, math.nan), []
+    errors, per_tensor, round_errors, round_bytes = (math.nan, math.nan), [], [], []
     sum_averaged = [torch.zeros(shape) for shape in spec.shapes]
     sum_exact = [torch.zeros(shape) for shape in spec.shapes]
+    current_round = 0
+    if hasattr(averager, "epoch_source"):  # PowerSGD's warm-up decides by epoch: here the round is the epoch
+        averager.epoch_source = lambda: current_round
     for round_index in range(spec.rounds):
+        current_round = round_index
+        sent_before = counters.snapshot().grad_bytes_sent
         for param, grad in zip(params, spec.grads_fn(peer, round_index), strict=True):
             param.grad = grad.clone()
         averager.accumulate_grads_(batch_size=1)
@@ -145,13 +150,16 @@ def _run_grad_mode(spec: GroupSpec, peer: int, label: str, config: CompressionCo
         exact = _exact_mean(spec, round_index)
         with averager.use_averaged_gradients() as averaged:
             errors, per_tensor = _errors(averaged, exact), _per_tensor_errors(averaged, exact)
+            round_errors.append(errors[1])
             for total, value in zip(sum_averaged, averaged, strict=True):
                 total.add_(value)
         for total, value in zip(sum_exact, exact, strict=True):
             total.add_(value)
+        round_bytes.append(counters.snapshot().grad_bytes_sent - sent_before)
     cumulative = _errors(sum_averaged, sum_exact)[1]
     extra = dict(
-        per_tensor_rel_l2=per_tensor, cumulative_rel_l2=cumulative,
+        per_tensor_rel_l2=per_tensor, cumulative_rel_l2=cumulative, round_rel_l2=round_errors,
+        round_bytes_sent=round_bytes,
         # squared error and squared norm of each tensor's sum over rounds: the rel L2 of any subset of tensors
         cumulative_err_sq=[float((a - e).pow(2).sum()) for a, e in zip(sum_averaged, sum_exact, strict=True)],
         cumulative_ref_sq=[float(e.pow(2).sum()) for e in sum_exact],

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=CompressionConfig().rank, help="PowerSGD rank")
     p.add_argument("--powersgd-layout", choices=LAYOUTS, default=CompressionConfig().layout,
                    help="flat: one 8-bit codebook per buffer instead of per tensor (fewer bytes, more drift)")
+    p.add_argument("--powersgd-warmup", type=int, default=CompressionConfig().warmup_steps, metavar="STEPS",
+                   help="average whole gradients (8-bit) for the first STEPS global steps, then PowerSGD")
     p.add_argument("--whole-codec", choices=WHOLE_CODECS, default=CompressionConfig().whole_codec,
                    help="codec for the tensors PowerSGD leaves whole, under --powersgd-layout flat")
     p.add_argument("--max-steps", type=int, help="leave after this many global steps")
@@ -125,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> PeerConfig:
             model=ModelConfig(name=args.model, depth=args.depth, num_classes=args.num_classes,
                               drop_path_rate=args.drop_path),
             compression=CompressionConfig(mode=args.compression, rank=args.rank, layout=args.powersgd_layout,
+                                          warmup_steps=args.powersgd_warmup,
                                           whole_codec=args.whole_codec),
             image_size=args.image_size, batch_size=args.batch_size, target_batch_size=args.target_batch_size,
             device=args.device, max_steps=args.max_steps, min_peers=args.min_peers, recipe=recipe_from_args(args),

@@ -63,6 +63,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.last_group_size = 0
         self.group_sizes: Counter = Counter()  # group size -> global steps taken in a group of that size (1 = alone)
         super().__init__(**kwargs)
+        if hasattr(self.grad_averager, "epoch_source"):  # PowerSGD's warm-up: rounds carry the epoch they close
+            self.grad_averager.epoch_source = lambda: self.local_epoch
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> PlausibleProgressTracker:
         # hivemind's own method with the class swapped: a peer claiming a far-future epoch is not believed

@@ -67,6 +67,7 @@ def test_unreachable_coordinator_api(data):
     ("--target-batch-size", "4", "--target-batch-size must be >= --batch-size"),
     ("--aa", "rand-x9", "rand"),
     ("--precision", "fp8", "--precision"),
+    ("--powersgd-warmup", "-1", "--powersgd-warmup must be an integer >= 0"),
 ])
 def test_peer_flag_values(data, flag, value, message):
     assert_clean_error(peer(data, flag, value), message)

@@ -37,6 +37,7 @@ from convforever.compression import (
 )
 from convforever.compression.codecs import FACTORS, WHOLE
 from convforever.compression.loopback import STATE_MODE, GroupSpec, PairSpec, run_group, run_pair
+from convforever.compression.warmup import is_warmup_round
 
 
 def _heavy_tailed(numel: int, seed: int = 0) -> torch.Tensor:
@@ -271,6 +272,8 @@ PAIR_VARIANTS = (
     ("powersgd-8bit per-tensor", CompressionConfig(mode="powersgd-8bit", rank=PAIR_RANK, layout="per-tensor")),
     ("powersgd-8bit whole=8bit", CompressionConfig(mode="powersgd-8bit", rank=PAIR_RANK, layout="flat",
                                                    whole_codec="8bit")),
+    ("powersgd-8bit warmup=1", CompressionConfig(mode="powersgd-8bit", rank=PAIR_RANK, layout="per-tensor",
+                                                 warmup_steps=1)),
 )
 
 
@@ -391,3 +394,31 @@ def test_group_of_four_averages_over_everyone(group_results):
 def test_group_of_four_shares_flat_buffers_evenly(group_results):
     sent = [group_results["powersgd-8bit", peer].snapshot.grad_bytes_sent for peer in range(GROUP_SIZE)]
     assert max(sent) < 1.5 * min(sent)
+
+
+def test_powersgd_warmup_sends_whole_gradients_first_then_factors(pair_results):
+    """Round 0 (epoch 0 < warmup_steps 1) is a plain 8-bit all-reduce, round 1 PowerSGD, for both peers alike."""
+    for peer in (0, 1):
+        warm = pair_results["powersgd-8bit warmup=1", peer]
+        eight_bit = pair_results["8bit", peer].extra["round_bytes_sent"]
+        powersgd = pair_results["powersgd-8bit per-tensor", peer].extra["round_bytes_sent"]
+        first, second = warm.extra["round_bytes_sent"]
+        assert abs(first - eight_bit[0]) < 0.05 * eight_bit[0], (first, eight_bit)
+        assert abs(second - powersgd[1]) < 0.05 * powersgd[1], (second, powersgd)
+        assert second * 5 < first
+        # both rounds average correctly: the warm-up one to 8-bit precision, the PowerSGD one as without warm-up
+        assert warm.extra["round_rel_l2"][0] < 5e-2
+        assert warm.rel_l2_error < 0.15
+
+
+@pytest.mark.parametrize("epochs, warmup, expected", [
+    ([0, 0], 1, True), ([0, 3], 1, True), ([2, 3], 2, False), ([0, None], 5, False), ([0, 0], 0, False),
+])
+def test_warmup_round_is_decided_from_every_members_epoch(epochs, warmup, expected):
+    gathered = [None if e is None else {"epoch": e} for e in epochs]
+    assert is_warmup_round(gathered, warmup) is expected
+
+
+def test_warmup_steps_must_be_a_non_negative_integer():
+    with pytest.raises(ValueError, match="--powersgd-warmup"):
+        CompressionConfig(warmup_steps=-1)

@@ -56,5 +56,9 @@ def test_mode_specs():
     assert parse_mode("powersgd-8bit:2").rank == 2 and parse_mode("powersgd").rank == 4
     with pytest.raises(ValueError, match="only PowerSGD"):
         parse_mode("fp16:2")
+    warm = parse_mode("powersgd-8bit:4+w10")
+    assert (warm.mode, warm.rank, warm.warmup) == ("powersgd-8bit", 4, 10) and parse_mode("powersgd").warmup == 0
+    with pytest.raises(ValueError, match="warm-up"):
+        parse_mode("8bit+w5")
     with pytest.raises(ValueError, match="one of"):
         BenchConfig(modes=["int4"])
