@@ -1,5 +1,6 @@
 """The processes a ``netns.Lab`` runs inside its namespaces: a DHT bootstrap node, a gradient-averaging peer for
-tests/test_netns.py, and a hivemind.Optimizer peer for bench/home_links.py.
+tests/test_netns.py, a hivemind.Optimizer peer for bench/home_links.py, and ConvForever's own optimizers (a
+training peer, a joiner, a state replica) for bench/join_slowdown.py.
 
 Run as ``python bench/netns_peer.py ROLE 'JSON config'`` under ``ip netns exec`` (Python 3.11 has no os.setns, and
 hivemind allows one peer per process). Each talks to the parent with ``netns.emit`` (JSON lines on stdout) and
@@ -74,6 +75,16 @@ class OptimizerConfig:
     # False: hivemind's defaults, which add every step's .grad into its accumulators, a 28.6M-value add per step
     # that this CPU needs ~30 ms for and a GPU well under one.
     gpu_like: bool = True
+
+
+@dataclass
+class SwarmPeerConfig(OptimizerConfig):
+    """A bench/join_slowdown.py peer: ConvForever's SwarmOptimizer (or ReplicaOptimizer) with AdamW, so the state a
+    joiner downloads has its real size (parameters + two statistics, fp32). ``kind``: ``train`` computes from
+    ``go`` until ``stop``; ``joiner`` waits for ``join``, downloads the state, then trains; ``replica`` follows every
+    step with weight 0 and serves the state (peer/replica.py)."""
+
+    kind: str = "train"  # (``steps`` is unused: every kind runs until "stop")
 
 
 def _setup(address: NodeAddress):
@@ -271,6 +282,92 @@ def run_optimizer(config: OptimizerConfig) -> None:
     dht.shutdown()
 
 
+def _swarm_optimizer(config: SwarmPeerConfig, dht, counters):
+    import torch
+
+    from convforever.compression import CompressionConfig, build_averaging_kwargs
+    from convforever.model import ModelConfig, create_model
+    from convforever.peer.replica import ReplicaOptimizer
+    from convforever.peer.trainer import SwarmOptimizer
+
+    torch.manual_seed(0)  # every peer starts from the same state, as ConvForever's seeded initialisation does
+    model = create_model(ModelConfig(name=config.model, num_classes=1000))
+    params = list(model.parameters())
+    averaging = build_averaging_kwargs(CompressionConfig(mode=config.mode, rank=config.rank), counters, params)
+    factory = averaging.pop("grad_averager_factory")
+    replica = config.kind == "replica"
+    opt = (ReplicaOptimizer if replica else SwarmOptimizer)(
+        dht=dht, run_id=config.run_id, params=params,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),  # tiny steps: what is measured is the traffic
+        batch_size_per_step=config.batch_per_step, target_batch_size=config.target_batch_size,
+        matchmaking_time=config.matchmaking_time, averaging_timeout=config.averaging_timeout,
+        next_chunk_timeout=config.next_chunk_timeout, average_state_every=config.average_state_every,
+        delay_grad_averaging=config.delay_grad_averaging and not replica,
+        delay_optimizer_step=config.delay_optimizer_step and not replica,
+        grad_averager_factory=lambda **kw: factory(request_timeout=config.request_timeout, **kw),
+        averager_opts=dict(request_timeout=config.request_timeout), tracker_opts=dict(default_refresh_period=1.0),
+        reuse_grad_buffers=config.gpu_like and not replica, offload_optimizer=config.gpu_like, verbose=False,
+        **averaging,
+    )
+    return opt, params
+
+
+def run_swarm_peer(config: SwarmPeerConfig) -> None:
+    """Train (emulated compute, as run_optimizer) until the parent says ``stop``; emit ``progress`` with the
+    cumulative samples every ``report_every_s`` (wall-clock stamped, so the parent can cut windows)."""
+    import queue
+    import threading
+
+    import torch
+
+    from convforever.compression import TrafficCounters
+
+    dht = _setup(config.address)
+    counters = TrafficCounters()  # before the averagers fork
+    opt, params = _swarm_optimizer(config, dht, counters)
+    generator = torch.Generator().manual_seed(config.peer)
+    grads = [torch.randn(p.shape, generator=generator).mul_(1e-3) for p in params]
+    emit(event="ready", maddrs=[str(a) for a in dht.get_visible_maddrs()], params=sum(p.numel() for p in params))
+    inbox: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [inbox.put(c.get("cmd")) for c in commands()] + [inbox.put("stop")],
+                     daemon=True).start()
+    wanted = "join" if config.kind == "joiner" else "go"
+    while (command := inbox.get()) not in (wanted, "stop"):
+        pass
+    if command == "stop":
+        return
+    if config.kind == "joiner":
+        began = time.time()
+        opt.load_state_from_peers()
+        emit(event="joined", began=began, ended=time.time(), epoch=opt.local_epoch,
+             global_epoch=opt.tracker.global_epoch)
+    if config.gpu_like and config.kind != "replica":
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad.clone()
+    samples, epoch, last_report = 0, opt.local_epoch, 0.0
+    emit(event="progress", time=time.time(), samples=0, epoch=opt.local_epoch)
+    while inbox.empty():
+        if config.kind == "replica":
+            opt.step()
+            time.sleep(0.05)
+        else:
+            time.sleep(config.compute_s)  # the forward/backward a GPU would be running
+            opt.step()
+            samples += config.batch_per_step
+            if config.gpu_like and opt.local_epoch != epoch:  # hivemind zeroed .grad for the new epoch: refill
+                epoch = opt.local_epoch
+                with torch.no_grad():
+                    for param, grad in zip(params, grads, strict=True):
+                        param.grad.copy_(grad)
+        if time.time() - last_report >= config.report_every_s:
+            last_report = time.time()
+            emit(event="progress", time=last_report, samples=samples, epoch=opt.local_epoch)
+    emit(event="done", time=time.time(), samples=samples, epoch=opt.local_epoch,
+         group_sizes={str(k): v for k, v in opt.group_sizes.items()}, traffic=asdict(counters.snapshot()))
+    opt.shutdown()  # orderly: torch unlinks the shared tensors' files in /dev/shm
+    dht.shutdown()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     role, raw = (argv if argv is not None else sys.argv[1:])[:2]
     config = json.loads(raw)
@@ -282,6 +379,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             run_rounds(RoundsConfig(address=address, **config))
         elif role == "optimizer":
             run_optimizer(OptimizerConfig(address=address, **config))
+        elif role == "swarm":
+            run_swarm_peer(SwarmPeerConfig(address=address, **config))
         else:
             raise ValueError(f"unknown role {role!r}")
     except BaseException as e:
