@@ -14,8 +14,9 @@ all-reduce and applies its own (uncompressed) accumulated gradient, i.e. plain l
 
     python bench/convergence.py [--steps 60] [--modes baseline none powersgd-8bit:4 ...] [--reuse] [--no-append]
 
-A mode is ``baseline`` or ``MODE[:RANK][+wN]`` with MODE one of ``--compression``'s choices (RANK for PowerSGD;
-``+wN``: ``--powersgd-warmup N``, the first N global steps average whole gradients).
+A mode is ``baseline`` or ``MODE[:RANK][+wN][@LAYOUT]`` with MODE one of ``--compression``'s choices (RANK for
+PowerSGD; ``+wN``: ``--powersgd-warmup N``, the first N global steps average whole gradients; ``@flat`` or
+``@per-tensor``: ``--powersgd-layout``, else the peer's default).
 The ``none`` swarm averages exactly, so its distance from the baseline is the comparison's own noise (which
 samples each peer leased, in which order, when each all-reduce happened): read the other rows against it.
 """
@@ -47,7 +48,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from results import append_results  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from convforever.compression import MODES
+from convforever.compression import LAYOUTS, MODES
 from convforever.peer.local_swarm import Process, cli, wait_for_file
 
 logger = logging.getLogger("bench.convergence")
@@ -134,6 +135,7 @@ class RunSpec:
     rank: Optional[int]
     peers: int
     warmup: int = 0  # --powersgd-warmup: global steps of whole-gradient averaging before PowerSGD
+    layout: Optional[str] = None  # --powersgd-layout (None: the peer's default)
 
 
 @dataclass
@@ -180,18 +182,21 @@ def parse_mode(spec: str, peers: int = 2) -> RunSpec:
     """``baseline`` or ``MODE[:RANK]`` -> RunSpec; a bad spec fails before anything starts."""
     if spec == BASELINE:
         return RunSpec(BASELINE, "none", None, 1)
-    head, _, warm = spec.partition("+w")
+    spec_body, _, layout = spec.partition("@")
+    if layout and layout not in LAYOUTS:
+        raise ValueError(f"mode {spec!r}: @LAYOUT is one of {', '.join(LAYOUTS)}")
+    head, _, warm = spec_body.partition("+w")
     if warm and not warm.isdigit():
         raise ValueError(f"mode {spec!r}: +wN takes a whole number of warm-up steps")
     mode, _, rank = head.partition(":")
-    if warm and not mode.startswith("powersgd"):
-        raise ValueError(f"mode {spec!r}: only PowerSGD modes take a warm-up (+wN)")
+    if (warm or layout) and not mode.startswith("powersgd"):
+        raise ValueError(f"mode {spec!r}: only PowerSGD modes take a warm-up (+wN) or a layout (@LAYOUT)")
     if mode not in MODES:
         raise ValueError(f"mode {spec!r}: use {BASELINE} or one of {', '.join(MODES)}, with :RANK for PowerSGD")
     if rank and not mode.startswith("powersgd"):
         raise ValueError(f"mode {spec!r}: only PowerSGD modes take a rank")
     if mode.startswith("powersgd"):
-        return RunSpec(spec, mode, int(rank or 4), peers, int(warm or 0))
+        return RunSpec(spec, mode, int(rank or 4), peers, int(warm or 0), layout or None)
     return RunSpec(spec, mode, None, peers)
 
 
@@ -296,6 +301,8 @@ def peer_argv(config: BenchConfig, spec: RunSpec, initial_peers: list[str], inde
         argv += ["--rank", str(spec.rank)]
     if spec.warmup:
         argv += ["--powersgd-warmup", str(spec.warmup)]
+    if spec.layout:
+        argv += ["--powersgd-layout", spec.layout]
     return argv
 
 

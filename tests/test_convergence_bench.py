@@ -60,5 +60,9 @@ def test_mode_specs():
     assert (warm.mode, warm.rank, warm.warmup) == ("powersgd-8bit", 4, 10) and parse_mode("powersgd").warmup == 0
     with pytest.raises(ValueError, match="warm-up"):
         parse_mode("8bit+w5")
+    flat = parse_mode("powersgd-8bit:1+w10@flat")
+    assert (flat.rank, flat.warmup, flat.layout) == (1, 10, "flat") and parse_mode("powersgd").layout is None
+    with pytest.raises(ValueError, match="LAYOUT"):
+        parse_mode("powersgd@diagonal")
     with pytest.raises(ValueError, match="one of"):
         BenchConfig(modes=["int4"])
