@@ -10,12 +10,26 @@ into what they send back and honest peers meet it from both sides of the all-red
                     peer would that wants every honest one to believe it is behind and reload its state.
 A broken honest peer (test_peer.py):
   ``nan-loss``  every other forward pass returns NaN logits, as an fp16 overflow or a bad kernel would.
+A peer that loses power (test_faults.py):
+  ``die-mid-round``  trains honestly until, in a gradient all-reduce, the first averaged delta comes back from a
+                     groupmate (proof that the groupmate holds our part, and that the round is under way for every
+                     member), then SIGKILLs its whole process group from inside the averager process: the main
+                     process, the DHT and averager children and the p2p daemon die at once, nothing is closed or
+                     said goodbye to. Environment: ``FAULTY_DIE_ROUND`` (default 1), die in this gradient round or
+                     a later one; ``FAULTY_DIE_GROUP`` (default 2), only in a round with at least this many peers;
+                     ``FAULTY_MARKER``, a file to write (JSON: time, round, group, the part counts so far) just
+                     before the kill. The peer makes itself a process group leader first, so the kill never
+                     reaches whoever started it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import sys
+import time
 from itertools import count
 
 import torch
@@ -35,9 +49,60 @@ def break_peer(peer: trainer.Peer, kind: str) -> None:
         peer.forward = lambda images: honest_forward(images) * (math.nan if next(calls) % 2 else 1.0)
 
 
+def phase_of(group_id: bytes) -> str:
+    """Which all-reduce of a gradient round: PowerSGD's P or Q factors (a warm-up round's whole gradients travel
+    under the P phase's id), or the gradients whole (no PowerSGD)."""
+    return next((name for name in ("PHASE_P", "PHASE_Q") if group_id.endswith(name.encode())), "whole")
+
+
+def die_mid_round() -> None:
+    """Arm the ``die-mid-round`` kill (module docstring); call before the averagers fork, they inherit the patch."""
+    from convforever.compression import counting
+
+    first_round, min_group = int(os.environ.get("FAULTY_DIE_ROUND", "1")), int(os.environ.get("FAULTY_DIE_GROUP", "2"))
+    marker = os.environ.get("FAULTY_MARKER")
+    if os.getpgid(0) != os.getpid():
+        os.setpgid(0, 0)  # our own group: killpg below must take this peer and its children, never our parent
+    group_leader = os.getpid()
+    current = {"round": 0, "group_id": None, "group": ()}  # per process: only the gradient averager's child counts
+
+    # Rounds are counted where every gradient all-reduce begins, whatever averager class runs it (whole gradients,
+    # PowerSGD's two phases under one group id plus a suffix, or a PowerSGD warm-up round): a new group id is a new
+    # round.
+    honest_init = counting.CountingAllReduceRunner.__init__
+
+    def counted_init(self, **kwargs) -> None:
+        honest_init(self, **kwargs)
+        group_id = self.group_id.removesuffix(b"PHASE_P").removesuffix(b"PHASE_Q")
+        if group_id != current["group_id"]:
+            current.update(round=current["round"] + 1, group_id=group_id,
+                           group=tuple(str(peer) for peer in self.ordered_peer_ids))
+
+    honest_delta = counting.CountingAllReduceRunner._register_checked_delta
+
+    def dying_delta(self, peer_index: int, part_index: int, delta) -> None:
+        reducer = self.ordered_peer_ids[peer_index]
+        if reducer != self.peer_id and current["round"] >= first_round and len(current["group"]) >= min_group:
+            traffic = self.traffic.snapshot()
+            facts = dict(time=time.time(), pid=os.getpid(), peer_id=str(self.peer_id), round=current["round"],
+                         group=list(current["group"]), phase=phase_of(self.group_id),
+                         delta_from=str(reducer), part_index=part_index, parts_sent=traffic.grad_parts_sent,
+                         parts_received=traffic.grad_parts_received, completed_rounds=traffic.grad_rounds)
+            print(f"die-mid-round: SIGKILL to process group {group_leader} now: {json.dumps(facts)}", flush=True)
+            if marker:
+                with open(marker, "w") as f:
+                    json.dump(facts, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.killpg(group_leader, signal.SIGKILL)
+        honest_delta(self, peer_index, part_index, delta)
+
+    counting.CountingAllReduceRunner.__init__ = counted_init
+    counting.CountingAllReduceRunner._register_checked_delta = dying_delta
+
+
 def claim_future_epoch(argv: list[str]) -> None:
     import argparse
-    import time
 
     import hivemind
     from hivemind.optim.progress_tracker import ProgressTracker
@@ -59,8 +124,12 @@ def main() -> None:
     kind, argv = sys.argv[1], [arg for arg in sys.argv[2:] if arg != "--"]
     if kind == "future-epoch":
         return claim_future_epoch(argv)
+    if kind == "die-mid-round":
+        die_mid_round()
+        return cli.main(argv)
     if kind not in (*ATTACKS, "nan-loss"):
-        raise SystemExit(f"faulty_peer.py: unknown kind {kind!r}; choose nan, ascent, future-epoch or nan-loss")
+        raise SystemExit(f"faulty_peer.py: unknown kind {kind!r}; choose nan, ascent, future-epoch, nan-loss or "
+                         "die-mid-round")
     if kind in ATTACKS:
         guard.rejection_reason = lambda *args: None  # before the averagers fork: they inherit it
     honest_init = trainer.Peer.__init__
