@@ -80,15 +80,20 @@ def load_grads(folder: Path, peer: int, round_index: int) -> tuple[torch.Tensor,
 
 
 def variants() -> list[tuple[str, CompressionConfig]]:
-    """Every (label, config) measured per group size, cheapest first (the full-size modes move 114 MB a round)."""
+    """Every (label, config) measured per group size, cheapest first (the full-size modes move 114 MB a round).
+
+    PowerSGD runs without warm-up: these are the bytes of its rounds (a warm-up round costs what ``8bit`` does).
+    """
     runs = []
     for whole in ("fp16", "8bit"):
         runs += [(f"powersgd-8bit r{rank} whole={whole}", CompressionConfig(mode="powersgd-8bit", rank=rank,
-                                                                              layout="flat", whole_codec=whole))
+                                                                              layout="flat", whole_codec=whole,
+                                                                              warmup_steps=0))
                  for rank in RANKS]
     runs.append((f"powersgd-8bit r{BEFORE_RANK} per-tensor (before)",
-                 CompressionConfig(mode="powersgd-8bit", rank=BEFORE_RANK, layout="per-tensor")))
-    runs += [(f"powersgd r{rank}", CompressionConfig(mode="powersgd", rank=rank, layout="flat")) for rank in RANKS]
+                 CompressionConfig(mode="powersgd-8bit", rank=BEFORE_RANK, layout="per-tensor", warmup_steps=0)))
+    runs += [(f"powersgd r{rank}", CompressionConfig(mode="powersgd", rank=rank, layout="flat", warmup_steps=0))
+             for rank in RANKS]
     runs += [(mode, CompressionConfig(mode=mode)) for mode in ("none", "fp16", "8bit")]
     return runs
 

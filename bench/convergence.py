@@ -299,7 +299,7 @@ def peer_argv(config: BenchConfig, spec: RunSpec, initial_peers: list[str], inde
     ]
     if spec.rank is not None:
         argv += ["--rank", str(spec.rank)]
-    if spec.warmup:
+    if spec.mode.startswith("powersgd"):  # always explicit: the peer's default warm-up is not 0
         argv += ["--powersgd-warmup", str(spec.warmup)]
     if spec.layout:
         argv += ["--powersgd-layout", spec.layout]

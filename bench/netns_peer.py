@@ -293,7 +293,9 @@ def _swarm_optimizer(config: SwarmPeerConfig, dht, counters):
     torch.manual_seed(0)  # every peer starts from the same state, as ConvForever's seeded initialisation does
     model = create_model(ModelConfig(name=config.model, num_classes=1000))
     params = list(model.parameters())
-    averaging = build_averaging_kwargs(CompressionConfig(mode=config.mode, rank=config.rank), counters, params)
+    # PowerSGD from the first round: the bench measures a swarm in its steady state, not its 8-bit warm-up
+    compression = CompressionConfig(mode=config.mode, rank=config.rank, warmup_steps=0)
+    averaging = build_averaging_kwargs(compression, counters, params)
     factory = averaging.pop("grad_averager_factory")
     replica = config.kind == "replica"
     opt = (ReplicaOptimizer if replica else SwarmOptimizer)(

@@ -27,7 +27,7 @@ class CountingGradientAverager(CountingAveragerMixin, GradientAverager):
     """hivemind's plain gradient averager (modes none / fp16 / 8bit), with traffic counting."""
 
 
-class CountingPowerSGDGradientAverager(PowerSGDWarmupMixin, CountingAveragerMixin, PowerSGDGradientAverager):
+class CountingPowerSGDGradientAverager(CountingAveragerMixin, PowerSGDWarmupMixin, PowerSGDGradientAverager):
     """hivemind's PowerSGD averager: rank-r P/Q factors with error feedback (``_ms``) and warm-started Q (``_qs``).
 
     Tensors it does not factorize (1-D, or saving < ``min_compression_ratio``) travel whole in the Q phase.
@@ -35,7 +35,7 @@ class CountingPowerSGDGradientAverager(PowerSGDWarmupMixin, CountingAveragerMixi
     """
 
 
-class CountingFlatPowerSGDGradientAverager(PowerSGDWarmupMixin, CountingAveragerMixin, FlatPowerSGDGradientAverager):
+class CountingFlatPowerSGDGradientAverager(CountingAveragerMixin, PowerSGDWarmupMixin, FlatPowerSGDGradientAverager):
     """The same PowerSGD maths with each phase sent as flat buffers (the ``flat`` layout, see ``flat.py``)."""
 
 

@@ -34,6 +34,8 @@ class GroupSpec:
 
     :param modes: mode names (or ``STATE_MODE``), each run with ``rank``, ``layout`` and ``state_compression``; the
       result's label is the mode name.
+    :param warmup_steps: PowerSGD's warm-up for ``modes`` (round ``i`` is epoch ``i``); 0, unlike the peer's
+      default, so that ``modes`` measure PowerSGD rounds.
     :param variants: further ``(label, config)`` runs, for settings ``modes`` cannot say (other ranks, layouts).
     :param peers: group size; every round waits until all of them have joined.
     :param min_matchmaking_time: seconds each round waits to form a group; below ~0.5 s on a loaded 2-core box the
@@ -50,6 +52,7 @@ class GroupSpec:
     rank: int = 4
     layout: str = CompressionConfig().layout
     state_compression: str = "fp16"
+    warmup_steps: int = 0  # for ``modes``: PowerSGD from the first round (each round counts as an epoch)
     peers: int = 2
     variants: Sequence[tuple[str, CompressionConfig]] = ()
     min_matchmaking_time: float = 1.0
@@ -62,7 +65,8 @@ class GroupSpec:
         """Every (label, config) in order; the state pseudo-mode has no config of its own."""
         runs: list[tuple[str, Optional[CompressionConfig]]] = [
             (mode, None if mode == STATE_MODE else
-             CompressionConfig(mode=mode, rank=self.rank, layout=self.layout, state_compression=self.state_compression))
+             CompressionConfig(mode=mode, rank=self.rank, layout=self.layout, state_compression=self.state_compression,
+                               warmup_steps=self.warmup_steps))
             for mode in self.modes
         ]
         runs.extend(self.variants)

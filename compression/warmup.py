@@ -38,7 +38,8 @@ def is_warmup_round(gathered: list[Any], warmup_steps: int) -> bool:
 
 
 class PowerSGDWarmupMixin:
-    """Put before a PowerSGD averager class: rounds before ``warmup_steps`` average the whole gradients.
+    """Put before a PowerSGD averager class (after the counting mixin, which must see every round): rounds before
+    ``warmup_steps`` average the whole gradients.
 
     ``epoch_source`` (set in the main process by the optimizer that owns the averager) returns the epoch the next
     round belongs to; it is gathered when the round is scheduled. The error-feedback buffers (``_ms``) and the

@@ -12,7 +12,7 @@ from pathlib import Path
 from hivemind.p2p import P2PDaemonError
 
 from .hub import default_repo
-from .process import install_stop_handlers, setup_logging
+from .process import enable_crash_traces, install_stop_handlers, no_main_thread_event_loop, setup_logging
 from .service import Coordinator, CoordinatorConfig
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                              "checkpoints local only)")
     stop = threading.Event()
     install_stop_handlers(stop)
+    no_main_thread_event_loop()
+    enable_crash_traces()
     logger.info(f"config: {json.dumps(vars(config), default=str)}")
     try:
         coordinator = Coordinator(config)

@@ -51,7 +51,9 @@ class PeerMetrics(pydantic.BaseModel):
     bytes_received: NonNegInt
     averaging_rounds: NonNegInt
     last_group_size: NonNegInt  # peers in this peer's latest gradient all-reduce (1 = averaged alone)
-    compression_ratio: NonNegFloat  # fp32 bytes / bytes sent, per round
+    compression_ratio: NonNegFloat  # fp32 bytes / bytes sent, per round, over the peer's latest rounds
+    # gradient bytes sent per round over the peer's latest rounds (None: a peer that predates the field)
+    bytes_per_round: Optional[NonNegFloat] = None
     skipped: Dict[pydantic.StrictStr, NonNegInt]
     final: pydantic.StrictBool = False  # the peer is about to leave (e.g. reached --max-steps)
     time: pydantic.StrictFloat

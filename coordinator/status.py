@@ -99,7 +99,9 @@ class HistoryPoint:
 
 
 def swarm_point(view: SwarmView, metrics: list[PeerMetrics], now: float) -> HistoryPoint:
-    per_round = [m.bytes_sent / m.averaging_rounds for m in metrics if m.averaging_rounds > 0]
+    # the peers' latest rounds: a since-start mean would hide PowerSGD's bytes behind its 8-bit warm-up rounds
+    per_round = [m.bytes_per_round if m.bytes_per_round is not None else m.bytes_sent / m.averaging_rounds
+                 for m in metrics if m.averaging_rounds > 0]
     ratios = [m.compression_ratio for m in metrics if m.compression_ratio > 0]
     return HistoryPoint(
         time=now, global_step=view.global_step, loss=mean_loss(metrics),

@@ -10,7 +10,12 @@ import threading
 from pathlib import Path
 
 from convforever.compression import LAYOUTS, MODES, WHOLE_CODECS, CompressionConfig
-from convforever.coordinator.process import install_stop_handlers, setup_logging
+from convforever.coordinator.process import (
+    enable_crash_traces,
+    install_stop_handlers,
+    no_main_thread_event_loop,
+    setup_logging,
+)
 from convforever.data.augment import AugmentConfig
 from convforever.model import MODEL_NAMES, ModelConfig
 
@@ -163,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     check_data(config)
     stop = threading.Event()
     install_stop_handlers(stop)
+    no_main_thread_event_loop()
+    enable_crash_traces()
     logger.info(f"config: {json.dumps(config.to_dict())}")
     from .trainer import Peer, SwarmUnreachable  # heavy imports after argument errors have had their say
 

@@ -6,6 +6,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional
 
 from convforever.compression import TrafficSnapshot
 
@@ -50,11 +51,34 @@ class ProgressWindow:
         return loss, rate
 
 
+class RecentRounds:
+    """Per-round bytes and ratio over the latest report window that had an averaging round.
+
+    A since-start average would hide what a peer sends now for hundreds of steps: PowerSGD's warm-up rounds
+    (``--powersgd-warmup``) cost 8-bit's bytes, ~50x a PowerSGD round's.
+    """
+
+    def __init__(self) -> None:
+        self.mark: Optional[TrafficSnapshot] = None  # the counters at the end of the latest window with a round
+        self.latest: Optional[TrafficSnapshot] = None  # that window's traffic
+
+    def update(self, traffic: TrafficSnapshot) -> Optional[TrafficSnapshot]:
+        """Close a window at ``traffic`` (cumulative); return the latest window with a round (None: none yet)."""
+        window = traffic if self.mark is None else traffic - self.mark
+        if window.grad_rounds > 0:
+            self.latest, self.mark = window, traffic
+        return self.latest
+
+
 def format_progress(
     step: int, loss: float, samples_per_second: float, peers: int, traffic: TrafficSnapshot,
-    last_group_size: int, skipped: Counter,
+    last_group_size: int, skipped: Counter, recent: Optional[TrafficSnapshot] = None,
 ) -> str:
-    """The one line a volunteer watches: is it learning, how fast, with whom, at what network cost."""
+    """The one line a volunteer watches: is it learning, how fast, with whom, at what network cost.
+
+    ``traffic`` is since start (the totals); per-round figures come from ``recent`` (``RecentRounds``) if given.
+    """
+    per_round = recent if recent is not None and recent.grad_rounds else traffic
     skipped_text = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())) or "none"
     return " | ".join([
         f"step {step}",
@@ -63,7 +87,7 @@ def format_progress(
         f"peers {peers} (last group {last_group_size})",
         f"sent {human_bytes(traffic.grad_bytes_sent + traffic.state_bytes_sent)}"
         f" recv {human_bytes(traffic.grad_bytes_received + traffic.state_bytes_received)}",
-        f"{human_bytes(traffic.bytes_per_round_sent)}/round, {traffic.ratio_vs_fp32:.0f}x vs fp32"
-        if traffic.grad_rounds else "no averaging round yet",
+        f"{human_bytes(per_round.bytes_per_round_sent)}/round, {per_round.ratio_vs_fp32:.0f}x vs fp32"
+        if per_round.grad_rounds else "no averaging round yet",
         f"skipped {skipped_text}",
     ])

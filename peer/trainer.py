@@ -39,7 +39,7 @@ from .config import PeerConfig, recipe_hash
 from .leases import CoordinatorShards, reachable_url
 from .progress import PlausibleProgressTracker
 from .recipe import WeightEMA, blur_batch, build_optimizer_setup
-from .report import ProgressWindow, format_progress
+from .report import ProgressWindow, RecentRounds, format_progress
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ class Peer:
         logger.info(f"local step: {self.device}, {self.precision.name}, channels_last={channels_last}, "
                     f"compile={config.compile}, checkpointing={config.checkpointing}, optimizer={config.optimizer}")
         self.counters = TrafficCounters()
+        self.recent = RecentRounds()  # per-round figures of the latest window with a round, for the line and metrics
         self.model_info = ModelInfo(
             name=config.model.name, depth=config.model.depth, num_classes=config.model.num_classes,
             image_size=config.image_size, class_names=list(CATEGORIES[: config.model.num_classes]),
@@ -378,8 +379,10 @@ class Peer:
         loss, rate = self.window.close()
         loss = self.last_loss = loss if math.isfinite(loss) else self.last_loss  # an empty window keeps the last loss
         traffic = self.counters.snapshot()
+        recent = self.recent.update(traffic)
         peers = self.opt.tracker.global_progress.num_peers
-        print(format_progress(self.opt.local_epoch, loss, rate, peers, traffic, self.opt.last_group_size, self.window.skipped), flush=True)
+        print(format_progress(self.opt.local_epoch, loss, rate, peers, traffic, self.opt.last_group_size,
+                              self.window.skipped, recent), flush=True)
         self.publish(loss, rate, final, traffic)
 
     def refresh_known_steps(self) -> None:
@@ -389,9 +392,10 @@ class Peer:
             self.known_steps = steps_of(self.records.metrics_by_owner())
 
     def publish(self, loss: float, rate: float, final: bool = False, traffic: Optional[TrafficSnapshot] = None) -> None:
-        self.refresh_known_steps()
         """Tell the swarm (and the coordinator's status line and checkpoints) how we are doing."""
+        self.refresh_known_steps()
         traffic = traffic or self.counters.snapshot()
+        recent = self.recent.latest  # per-round figures: the latest report window with a round (RecentRounds)
         if time.monotonic() - self.model_published > MODEL_TTL / 2:  # static: refresh it before it expires
             self.records.publish_model(self.model_info)
             self.model_published = time.monotonic()
@@ -399,7 +403,8 @@ class Peer:
             peer_id=str(self.dht.peer_id), step=self.opt.local_epoch, loss=float(loss), samples_per_second=float(rate),
             samples=self.window.samples, bytes_sent=traffic.grad_bytes_sent, bytes_received=traffic.grad_bytes_received,
             averaging_rounds=traffic.grad_rounds, last_group_size=self.opt.last_group_size,
-            compression_ratio=float(traffic.ratio_vs_fp32) if traffic.grad_rounds else 0.0,
+            compression_ratio=float(recent.ratio_vs_fp32) if recent is not None else 0.0,
+            bytes_per_round=float(recent.bytes_per_round_sent) if recent is not None else None,
             skipped=dict(self.window.skipped), final=final, time=get_dht_time(),
         ))
 

@@ -12,7 +12,7 @@ import pytest
 from convforever.compression import TrafficSnapshot
 from convforever.peer.cli import parse_args
 from convforever.peer.recipe import lr_factor
-from convforever.peer.report import ProgressWindow, format_progress, human_bytes
+from convforever.peer.report import ProgressWindow, RecentRounds, format_progress, human_bytes
 
 
 def test_warmup_is_linear_in_the_global_step():
@@ -44,6 +44,25 @@ def test_progress_line_has_every_field():
     for part in ("step 12", "loss 1.5000", "33.3 samples/s", "peers 2 (last group 2)", "sent 200.0 kB",
                  "recv 190.0 kB", "50.0 kB/round, 200x vs fp32", "skipped no_label 3"):
         assert part in line, line
+
+
+def _traffic(sent: int, rounds: int, fp32: int = 10_000_000) -> TrafficSnapshot:
+    return TrafficSnapshot(grad_bytes_sent=sent, grad_bytes_received=sent, grad_rounds=rounds, state_bytes_sent=0,
+                           state_bytes_received=0, state_rounds=0, fp32_bytes_per_round=fp32,
+                           grad_fp32_reference_bytes=fp32 * rounds)
+
+
+def test_per_round_figures_follow_the_latest_rounds_not_the_warm_up():
+    """Ten 8-bit warm-up rounds of 2.5 MB, then PowerSGD rounds of 50 kB: the line quotes the PowerSGD rounds."""
+    recent = RecentRounds()
+    assert recent.update(_traffic(0, 0)) is None
+    assert recent.update(_traffic(25_000_000, 10)).bytes_per_round_sent == 2_500_000
+    total = _traffic(25_000_000 + 2 * 50_000, 12)
+    latest = recent.update(total)
+    assert latest.grad_rounds == 2 and latest.bytes_per_round_sent == 50_000 and latest.ratio_vs_fp32 == 200
+    assert recent.update(total) is latest  # a window without a round keeps the last figures
+    line = format_progress(12, 1.5, 33.3, 2, total, 2, Counter(), latest)
+    assert "50.0 kB/round, 200x vs fp32" in line and "sent 25.1 MB" in line, line
 
 
 def test_cli_rejects_bad_input_with_the_flag_name(capsys):

@@ -76,7 +76,7 @@ def swarm(tmp_path_factory):
         common = [
             "convforever.peer.cli", "--initial-peers", *maddrs.read_text().split(), "--run-id", RUN_ID,
             "--model", "convnext_atto", "--image-size", "32", "--batch-size", "16", "--target-batch-size", "128",
-            "--max-steps", str(MAX_STEPS), "--lr", "2e-3", "--warmup-steps", "1", "--matchmaking-time", "5",
+            "--max-steps", str(MAX_STEPS), "--lr", "2e-3", "--warmup-steps", "1", "--matchmaking-time", "5", "--powersgd-warmup", "2",
             "--report-every", "1", "--num-workers", "0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--exit-grace", "0",
             "--min-peers", "2", "--threads", "1", "--no-augment",
         ]

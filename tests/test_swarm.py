@@ -65,7 +65,7 @@ def run_swarm(work: Path, hub: HubServer):
             peers.append(start([
                 "convforever.peer.cli", "--initial-peers", *initial, "--run-id", "t", "--data", str(work / "data" / "train"),
                 "--model", "convnext_atto", "--image-size", "32", "--batch-size", "16", "--target-batch-size", "256",
-                "--max-steps", str(MAX_STEPS), "--lr", "2e-3", "--warmup-steps", "1", "--matchmaking-time", "5",
+                "--max-steps", str(MAX_STEPS), "--lr", "2e-3", "--warmup-steps", "1", "--matchmaking-time", "5", "--powersgd-warmup", "2",
                 "--report-every", "1", "--num-workers", "0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                 "--save-on-exit", str(work / f"peer{i}"), "--exit-grace", "60", "--min-peers", "2", "--threads", "1",
                 "--no-augment",  # the ConvNeXt recipe (RandAugment, Mixup/CutMix, ...) is for long runs, not a few steps
