@@ -33,8 +33,8 @@ class CompressionConfig:
       average with each other.
     :param warmup_steps: under PowerSGD, the first global steps average whole gradients (with the mode's
       whole-tensor codec, 8-bit blockwise under ``powersgd-8bit``) before PowerSGD takes over, as PyTorch's PowerSGD
-      hook does (``start_powerSGD_iter``); see ``warmup.py``. 10, the recipe's LR warm-up, took rank 4 from 1.0-3.4
-      points below the single-process baseline on the MNIST parity bench to within 0.5 of it (bench/RESULTS.md); the
+      hook does (``start_powerSGD_iter``); see ``warmup.py``. 10, the recipe's LR warm-up, took rank 4 from 1.3-4.8
+      points below the single-process baseline on the MNIST parity bench to 0.4 below its mean (bench/RESULTS.md); the
       warm-up rounds cost 8-bit's bytes (~4x less than fp32 instead of ~200x), which a long run does not notice.
     :param whole_codec: under ``powersgd-8bit`` with the flat layout, how the tensors PowerSGD does not factorize
       (biases, norms, layer scales: ~65k values in ConvNeXt-T) travel. Unlike the factors they get no error
