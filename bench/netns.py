@@ -360,6 +360,25 @@ class Lab:
             relay.expect("ready", timeout=60)
         return node
 
+    def cut_link(self, name: str) -> None:
+        """Pull ``name``'s cable: its hub-side port ``v-<name>`` goes down, so nothing crosses the link either way.
+
+        Cut on the hub side so the node keeps its own configuration (address, route, upload tbf) untouched; its
+        ``eth0`` only loses carrier, the way a modem losing its line looks to the host. Processes and their open
+        TCP connections stay, with packets to and from the node lost until ``restore_link``.
+        """
+        _run("ip", "-n", self.hub, "link", "set", f"v-{name}", "down")
+
+    def restore_link(self, name: str) -> None:
+        """Plug ``name``'s cable back (undoes ``cut_link``): the port stays a bridge member and keeps its tbf, so
+        only ``up`` is needed; checks that the node's ``eth0`` has its carrier again."""
+        _run("ip", "-n", self.hub, "link", "set", f"v-{name}", "up")
+        deadline = time.monotonic() + 10.0
+        while "LOWER_UP" not in _run("ip", "-n", self.nodes[name].netns, "link", "show", "dev", "eth0").stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: eth0 has no carrier 10 s after its link was restored")
+            time.sleep(0.1)
+
     def counters(self, name: str) -> IfaceCounters:
         return read_counters(self.nodes[name].netns)
 
