@@ -36,7 +36,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from netns import Child, Lab, LinkSpec, NetnsUnavailable, check_netns_support  # noqa: E402
+from netns import Child, Lab, LinkSpec  # noqa: E402
 
 PEER_SCRIPT = BENCH / "netns_peer.py"
 TRAINERS = ("peer0", "peer1", "peer2")
@@ -50,14 +50,6 @@ WARM_EPOCHS = 2  # every peer passes this many epochs before the cut
 MIN_EPOCHS_DURING_CUT = 2  # the two others' epoch rise while the victim is away (see the timing note above)
 CATCH_UP_S = 90.0  # from the restore until the victim trains within one epoch of the others
 STATE_LOADED = re.compile(r"Finished downloading state in ([\d.]+)s")
-
-
-@pytest.fixture(scope="module")
-def netns_ok() -> None:
-    try:
-        check_netns_support()
-    except NetnsUnavailable as e:
-        pytest.skip(f"network namespaces unavailable: {e}")
 
 
 class Swarm:

@@ -16,20 +16,12 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from netns import RELAY_PORT, SERVICE_PORT, Lab, LinkSpec, NetnsUnavailable, check_netns_support  # noqa: E402
+from netns import RELAY_PORT, SERVICE_PORT, Lab, LinkSpec  # noqa: E402
 
 ROUNDS = 3
 # 4 MiB of fp32 per peer: in a pair each peer sends half as a sender and returns the other half averaged, so
 # ~4 MiB per round, against a few KB of matchmaking and DHT traffic in the same interval.
 SHAPES = [[512, 1024], [1024, 512]]
-
-
-@pytest.fixture(scope="module")
-def netns_ok() -> None:
-    try:
-        check_netns_support()
-    except NetnsUnavailable as e:
-        pytest.skip(f"network namespaces unavailable: {e}")
 
 
 @pytest.mark.slow
