@@ -247,6 +247,17 @@ def swarm_view(progress: Mapping[bytes, LocalTrainingProgress], now: Optional[fl
     )
 
 
+def bytes_per_round(metrics: Iterable[PeerMetrics]) -> float:
+    """Mean over the peers of the gradient bytes each sent per round in its latest rounds (nan before any round).
+
+    The latest rounds, not since start: PowerSGD's 8-bit warm-up rounds would dominate a since-start mean for
+    hundreds of steps. A peer that predates ``PeerMetrics.bytes_per_round`` counts with its since-start mean.
+    """
+    per_peer = [m.bytes_per_round if m.bytes_per_round is not None else m.bytes_sent / m.averaging_rounds
+                for m in metrics if m.averaging_rounds > 0]
+    return sum(per_peer) / len(per_peer) if per_peer else math.nan
+
+
 def mean_loss(metrics: Iterable[PeerMetrics]) -> float:
     """Sample-rate-weighted mean of the peers' recent losses (nan when nobody reported one)."""
     pairs = [(m.loss, max(m.samples_per_second, 1e-9)) for m in metrics if math.isfinite(m.loss)]

@@ -37,6 +37,7 @@ from .protocol import (
     PeerMetrics,
     RunRecords,
     SwarmView,
+    bytes_per_round,
     mean_loss,
     steps_of,
     swarm_view,
@@ -136,9 +137,7 @@ def api_urls(config: CoordinatorConfig, port: int, maddrs: list[str]) -> list[st
 def format_status(view: SwarmView, metrics: list[PeerMetrics], last_checkpoint: Optional[int],
                   data: Optional[dict] = None) -> str:
     loss = mean_loss(metrics)
-    sent = sum(m.bytes_sent for m in metrics)
-    rounds = sum(m.averaging_rounds for m in metrics)
-    per_round = sent / rounds if rounds else 0.0
+    per_round = bytes_per_round(metrics)
     ratios = [m.compression_ratio for m in metrics if m.compression_ratio > 0]
     skipped = sum(sum(m.skipped.values()) for m in metrics)
     parts = [
@@ -146,7 +145,8 @@ def format_status(view: SwarmView, metrics: list[PeerMetrics], last_checkpoint: 
         f"peers {view.num_peers}" + (f"+{view.num_clients} clients" if view.num_clients else ""),
         f"loss {loss:.4f}" if math.isfinite(loss) else "loss -",
         f"{view.samples_per_second:.1f} samples/s",
-        f"sent {per_round / 1e6:.2f} MB/round/peer" + (f" ({min(ratios):.0f}x vs fp32)" if ratios else ""),
+        f"sent {per_round / 1e6 if math.isfinite(per_round) else 0.0:.2f} MB/round/peer"
+        + (f" ({min(ratios):.0f}x vs fp32)" if ratios else ""),
         f"skipped {skipped}",
     ]
     if data is not None:

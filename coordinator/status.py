@@ -31,7 +31,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .protocol import METRICS_TTL, PeerMetrics, SwarmView, mean_loss
+from .protocol import METRICS_TTL, PeerMetrics, SwarmView, bytes_per_round, mean_loss
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,11 @@ class HistoryPoint:
 
 
 def swarm_point(view: SwarmView, metrics: list[PeerMetrics], now: float) -> HistoryPoint:
-    # the peers' latest rounds: a since-start mean would hide PowerSGD's bytes behind its 8-bit warm-up rounds
-    per_round = [m.bytes_per_round if m.bytes_per_round is not None else m.bytes_sent / m.averaging_rounds
-                 for m in metrics if m.averaging_rounds > 0]
     ratios = [m.compression_ratio for m in metrics if m.compression_ratio > 0]
     return HistoryPoint(
         time=now, global_step=view.global_step, loss=mean_loss(metrics),
         samples_per_second=float(view.samples_per_second), peers_online=view.num_peers,
-        bytes_per_round=sum(per_round) / len(per_round) if per_round else math.nan,
+        bytes_per_round=bytes_per_round(metrics),
         compression_ratio=min(ratios) if ratios else math.nan,
     )
 

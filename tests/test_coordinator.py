@@ -75,6 +75,13 @@ def test_status_line_shows_the_swarm():
         assert part in line, line
 
 
+def test_status_line_quotes_the_latest_rounds_not_the_warm_up():
+    # 10 warm-up rounds of 2.5 MB then PowerSGD rounds of 50 kB: the peer's own latest figure, not 25 MB / 12
+    line = format_status(swarm_view(owned(progress(12)), now=100.0),
+                         [metrics(0.5, bytes_sent=25_100_000, averaging_rounds=12, bytes_per_round=50_000.0)], None)
+    assert "0.05 MB/round/peer (50x vs fp32)" in line, line
+
+
 def test_config_validation_names_the_flag(tmp_path: Path):
     with pytest.raises(ValueError, match="--checkpoint-every"):
         CoordinatorConfig(run_id="r", checkpoint_dir=tmp_path, checkpoint_every=0)
