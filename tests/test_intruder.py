@@ -55,7 +55,8 @@ def token(ckpt: Path, *action: str) -> str:
 def bad_secret(token: str) -> str:
     """The token with its secret changed: right run, right id, wrong secret (a typo, or a guess)."""
     prefix, token_id, secret, fingerprint = token.split(".")
-    return ".".join((prefix, token_id, "x" + secret[1:], fingerprint))
+    changed = ("y" if secret[0] == "x" else "x") + secret[1:]  # "x" + secret[1:] is no change 1 time in 64
+    return ".".join((prefix, token_id, changed, fingerprint))
 
 
 @pytest.fixture(scope="module")
