@@ -150,7 +150,10 @@ class GuardedAllReduceRunner(AllReduceRunner):
         super().__init__(**kwargs)
         self.max_norm_ratio = max_norm_ratio
         self._rejected: dict[Any, set[str]] = {}  # peer -> reasons, logged once per peer and all-reduce
-        own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
+        # Our own part is the reference only when it carries weight: a state replica sends zeros with weight 0, and
+        # like an auxiliary peer it judges the senders by their median instead.
+        contributes = self.peer_id in self.sender_peer_ids and self.weight > 0
+        own = self.sender_peer_ids.index(self.peer_id) if contributes else None
         self._floor = FLOOR_FRACTION * _total_rms(self.tensor_part_container.local_tensors)
         self.tensor_part_reducer = GuardedTensorPartReducer(
             self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders, own, max_norm_ratio,
@@ -167,7 +170,10 @@ class GuardedAllReduceRunner(AllReduceRunner):
         peer_id = self.ordered_peer_ids[peer_index]
         if peer_id != self.peer_id and container.return_deltas:
             sent = container._input_parts_by_peer[peer_index][part_index][0]
-            reason = rejection_reason(_rms(delta), 1.0, max(_rms(sent), self._floor), self.max_norm_ratio)
+            # With weight 0 (a state replica) what we sent is no reference: zeros, or error feedback we do not
+            # contribute. Only non-finite deltas are refused then; the reducers' own guard still ran on their side.
+            reference = max(_rms(sent), self._floor) if self.weight > 0 else 0.0
+            reason = rejection_reason(_rms(delta), 1.0, reference, self.max_norm_ratio)
             if reason is not None:
                 self._note_rejection(peer_id, f"averaged part: {reason}")
                 delta = torch.zeros_like(sent)
