@@ -155,6 +155,31 @@ def run_rounds(config: RoundsConfig) -> None:
     dht.shutdown()
 
 
+def start_rounds_peers(lab, nodes, ready_timeout: float = 180.0, **config) -> list:
+    """Parent side: a ``rounds`` peer in each node (``config``: RoundsConfig fields but address and peer), each
+    bootstrapping from the one before; returns the children once every one is ready."""
+    peers, maddrs = [], []
+    for index, node in enumerate(nodes):
+        address = dict(listen=node.listen_maddr, announce=node.announce_maddr, initial_peers=maddrs)
+        peers.append(lab.spawn(node, [sys.executable, str(Path(__file__)), "rounds",
+                                      json.dumps(dict(address=address, peer=index, **config))]))
+        maddrs = peers[-1].expect("ready", timeout=ready_timeout)["maddrs"]
+    return peers
+
+
+def drive_rounds(peers: list, rounds: int, timeout: float, on_round=None) -> list[list[dict]]:
+    """Parent side: ``rounds`` all-reduces of every peer together; each peer's ``round`` events, in order."""
+    results: list[list[dict]] = [[] for _ in peers]
+    for index in range(rounds):
+        for peer in peers:
+            peer.send({"cmd": "round"})
+        for peer, got in zip(peers, results, strict=True):
+            got.append(peer.expect("round", timeout=timeout))
+        if on_round is not None:
+            on_round(index, results)
+    return results
+
+
 def _round_grads(shapes: list[list[int]], peer: int, index: int) -> list:
     """Peer ``peer``'s gradients in round ``index``: seeded, so every peer can compute the exact mean itself."""
     import torch

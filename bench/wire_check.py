@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -32,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from home_links import UNSHAPED, log  # noqa: E402
 from netns import Lab  # noqa: E402
+from netns_peer import drive_rounds, start_rounds_peers  # noqa: E402
 from results import append_results  # noqa: E402
 
-PEER_SCRIPT = Path(__file__).with_name("netns_peer.py")
 IDLE_S = 10.0
 
 
@@ -47,22 +46,12 @@ def convnext_tiny_shapes() -> list[list[int]]:
 def run_mode(mode: str, shapes: list[list[int]], rounds: int) -> dict:
     with Lab("cfh-wire-") as lab:
         nodes = [lab.add_node(f"p{i}", UNSHAPED) for i in range(2)]
-        peers, maddrs = [], []
-        for i, node in enumerate(nodes):
-            config = dict(address=dict(listen=node.listen_maddr, announce=node.announce_maddr, initial_peers=maddrs),
-                          peer=i, shapes=shapes, mode=mode, run_id=f"wire_{mode}", step_timeout=120.0)
-            peers.append(lab.spawn(node, [sys.executable, str(PEER_SCRIPT), "rounds", json.dumps(config)]))
-            maddrs = peers[-1].expect("ready", timeout=180)["maddrs"]
+        peers = start_rounds_peers(lab, nodes, shapes=shapes, mode=mode, run_id=f"wire_{mode}", step_timeout=120.0)
         idle_start = lab.all_counters()
         time.sleep(IDLE_S)
         before = lab.all_counters()
-        results: list[list[dict]] = [[], []]
-        for index in range(rounds):
-            for peer in peers:
-                peer.send({"cmd": "round"})
-            for peer, got in zip(peers, results, strict=True):
-                got.append(peer.expect("round", timeout=600))
-            log(f"[{mode}] round {index + 1}/{rounds}: groups {[r[-1]['group_size'] for r in results]}")
+        results = drive_rounds(peers, rounds, timeout=600, on_round=lambda index, got: log(
+            f"[{mode}] round {index + 1}/{rounds}: groups {[r[-1]['group_size'] for r in got]}"))
         after = lab.all_counters()
     out = {"mode": mode, "rounds": rounds, "peers": []}
     for node, got in zip(nodes, results, strict=True):

@@ -7,7 +7,6 @@ Skips (with the reason) where namespaces cannot be made: not root, no iproute2, 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 from netns import RELAY_PORT, SERVICE_PORT, Lab, LinkSpec  # noqa: E402
+from netns_peer import drive_rounds, start_rounds_peers  # noqa: E402
 
 ROUNDS = 3
 # 4 MiB of fp32 per peer: in a pair each peer sends half as a sender and returns the other half averaged, so
@@ -29,19 +29,9 @@ def test_two_peers_average_over_a_rate_limited_link(netns_ok) -> None:
     link = LinkSpec(up_mbit=50.0, down_mbit=100.0)
     with Lab("cfh-test-") as lab:
         nodes = [lab.add_node(f"p{i}", link) for i in range(2)]
-        peers, maddrs = [], []
-        for i, node in enumerate(nodes):
-            config = dict(address=dict(listen=node.listen_maddr, announce=node.announce_maddr, initial_peers=maddrs),
-                          peer=i, shapes=SHAPES, mode="none", run_id="netns_test")
-            peers.append(lab.spawn(node, [sys.executable, str(BENCH / "netns_peer.py"), "rounds", json.dumps(config)]))
-            maddrs = peers[-1].expect("ready", timeout=60)["maddrs"]
+        peers = start_rounds_peers(lab, nodes, ready_timeout=60, shapes=SHAPES, mode="none", run_id="netns_test")
         before = lab.all_counters()
-        results: list[list[dict]] = [[], []]
-        for _ in range(ROUNDS):
-            for peer in peers:
-                peer.send({"cmd": "round"})
-            for peer, rounds in zip(peers, results, strict=True):
-                rounds.append(peer.expect("round", timeout=90))
+        results = drive_rounds(peers, ROUNDS, timeout=90)
         after = lab.all_counters()
 
     for rounds in results:
