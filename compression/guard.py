@@ -155,6 +155,9 @@ class GuardedAllReduceRunner(AllReduceRunner):
         contributes = self.peer_id in self.sender_peer_ids and self.weight > 0
         own = self.sender_peer_ids.index(self.peer_id) if contributes else None
         self._floor = FLOOR_FRACTION * _total_rms(self.tensor_part_container.local_tensors)
+        # hivemind's reducer is replaced before it sees a part: mark it finished, or its __del__ warns "Reducer:
+        # received 0.0% of input tensors" twice a round (once per PowerSGD phase) on every peer
+        self.tensor_part_reducer.finished.set()
         self.tensor_part_reducer = GuardedTensorPartReducer(
             self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders, own, max_norm_ratio,
             on_reject=lambda sender, _part, reason: self._note_rejection(self.sender_peer_ids[sender], reason),

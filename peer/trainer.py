@@ -21,6 +21,7 @@ from typing import Optional
 
 import hivemind
 import torch
+from hivemind.averaging.control import AveragingStage
 from hivemind.p2p import P2PDaemonError
 from hivemind.utils import get_dht_time
 
@@ -89,6 +90,18 @@ class SwarmOptimizer(hivemind.Optimizer):
         super()._update_global_epoch(grad_scaler)
         self.last_group_size = self._group_size
         self.group_sizes[self._group_size] += 1
+
+    def leave_pending_round(self) -> bool:
+        """Cancel our next gradient round if it is still matchmaking; True if one was cancelled.
+
+        Used on Ctrl+C: a peer blocked in a round whose groupmates have already left would otherwise wait out the
+        averaging timeout ("could not find a group", 30 s by default) before it can exit. A round that is already
+        exchanging tensors is left to finish (seconds), so the groupmates get our parts.
+        """
+        control = self.scheduled_grads
+        if control is None or control.done() or control.stage == AveragingStage.RUNNING_ALLREDUCE:
+            return False
+        return control.cancel()
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
@@ -237,7 +250,9 @@ class Peer:
             # peer that reaches the target batch before it has seen the others steps alone and drifts.
             # steps: read from the main thread (refresh_known_steps); the tracker's thread only reads the dict.
             tracker_opts=dict(default_refresh_period=1.0, steps=lambda: self.known_steps),
-            verbose=False,
+            # hivemind's per-round lines ("Averaged gradients with 3 peers", ...) at INFO: shown with -v only, since
+            # setup_logging keeps the hivemind logger at WARNING otherwise
+            verbose=True,
             access=verifier,
             **averaging,
         )
@@ -358,22 +373,38 @@ class Peer:
         first = next(batches)
         self.join(stop)
         last_report = time.monotonic()
-        for batch in itertools.chain([first], batches):
-            if stop.is_set() or self.finished():
-                break
-            loss = self.train_step(batch.images, batch.labels)
-            if math.isfinite(loss):
-                self.window.observe(loss, len(batch.labels), batch.skipped)
-            else:
-                self.window.skip(Counter(batch.skipped) + Counter(nonfinite_loss=len(batch.labels)))
-            if time.monotonic() - last_report >= self.config.report_every:
-                self.report()
-                last_report = time.monotonic()
+        left = threading.Event()
+        threading.Thread(target=self._leave_rounds_on_stop, args=(stop, left), name="leave-on-stop", daemon=True).start()
+        try:
+            for batch in itertools.chain([first], batches):
+                if stop.is_set() or self.finished():
+                    break
+                loss = self.train_step(batch.images, batch.labels)
+                if math.isfinite(loss):
+                    self.window.observe(loss, len(batch.labels), batch.skipped)
+                else:
+                    self.window.skip(Counter(batch.skipped) + Counter(nonfinite_loss=len(batch.labels)))
+                if time.monotonic() - last_report >= self.config.report_every:
+                    self.report()
+                    last_report = time.monotonic()
+        finally:
+            left.set()
         self.report(final=self.finished())
         sizes = dict(sorted(self.opt.group_sizes.items()))
         logger.info(f"leaving at global step {self.opt.local_epoch}; all-reduce group sizes: {json.dumps(sizes)}")
         if self.finished():
             self.wait_for_checkpoint(stop)
+
+    def _leave_rounds_on_stop(self, stop: threading.Event, left: threading.Event) -> None:
+        """Once ``stop`` is set, keep cancelling gradient rounds that are still matchmaking until the loop has left.
+
+        A loop, not one cancel: the step under way when Ctrl+C came may schedule the next round after we looked.
+        """
+        stop.wait()
+        while not left.is_set():
+            if self.opt.leave_pending_round():
+                logger.info("left the pending averaging round to exit; this step uses local gradients")
+            left.wait(0.2)
 
     def report(self, final: bool = False) -> None:
         loss, rate = self.window.close()

@@ -223,3 +223,55 @@ def test_step_after_the_kill_completes_within_the_timeouts(swarm):
 def test_coordinator_step_advances_past_the_kill(swarm):
     assert swarm.marker is not None, swarm.logs["victim"]
     assert max(swarm.steps("coordinator"), default=0) > swarm.kill_step, swarm.logs["coordinator"]
+
+
+def test_ctrl_c_while_the_group_is_gone_exits_within_seconds(tmp_path):
+    """Ctrl+C on a peer whose only groupmate has just lost power, while it waits for that groupmate in matchmaking.
+
+    Without help hivemind waits out the averaging timeout ("could not find a group", 60 s here) before the step
+    returns and the peer can leave; the trainer cancels a round that is still matchmaking once Ctrl+C comes, steps on
+    its own gradients, and exits. The bound (15 s) is a quarter of the configured timeout, not a measured speed.
+    """
+    subprocess.run([sys.executable, "-m", "convforever.data.demo", "--out", str(tmp_path / "data"), "--train-rows", "400",
+                    "--eval-rows", "20", "--image-size", "32", "--seed", "4"], check=True, capture_output=True)
+    common = ["--run-id", "leave", "--data", str(tmp_path / "data" / "train"), "--model", "convnext_atto",
+              "--image-size", "32", "--batch-size", "16", "--target-batch-size", "64", "--matchmaking-time", "3",
+              "--averaging-timeout", "60", "--report-every", "1", "--num-workers", "0", "--threads", "1",
+              "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--exit-grace", "0", "--no-augment", "-v"]
+    first = start([sys.executable, "-m", "convforever.peer.cli", *common, "--min-peers", "1"], tmp_path / "first.log")
+    second = None
+    try:
+        maddr = wait_for_line(tmp_path / "first.log", first, r"can also join through: (\S+)", 120).group(1)
+        second = start([sys.executable, "-m", "convforever.peer.cli", *common, "--initial-peers", maddr,
+                        "--min-peers", "2"], tmp_path / "second.log")
+        wait_for_line(tmp_path / "second.log", second, r"Averaged gradients with 2 peers", 180)
+        kill(first)
+        log = tmp_path / "second.log"
+        seen = len(log.read_text(errors="replace"))
+        # the next round: matchmaking with a groupmate that will never answer
+        wait_for_line(log, second, r"Pre-scheduling gradient averaging round|Beginning optimizer step", 120, seen)
+        time.sleep(2.0)
+        second.send_signal(signal.SIGINT)
+        began = time.monotonic()
+        code = second.wait(timeout=60)
+        took = time.monotonic() - began
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                kill(proc)
+    text = (tmp_path / "second.log").read_text(errors="replace")
+    tail = text[text.index("received SIGINT"):]
+    assert code == 0 and took < 15.0, (took, tail)
+    assert "Traceback" not in tail, tail
+
+
+def wait_for_line(path: Path, proc: subprocess.Popen, pattern: str, timeout: float, offset: int = 0) -> re.Match:
+    """The first match of ``pattern`` in ``path`` past ``offset`` characters; fails if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.compile(pattern).search(path.read_text(errors="replace"), offset) if path.is_file() else None
+        if match:
+            return match
+        assert proc.poll() is None, f"{path.name}: exited with {proc.returncode}:\n{path.read_text()[-3000:]}"
+        time.sleep(0.2)
+    raise TimeoutError(f"{pattern!r} not in {path} within {timeout:.0f} s:\n{path.read_text()[-3000:]}")
