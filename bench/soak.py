@@ -12,7 +12,8 @@ Figures:
   the last sample over it, and the slope is a least-squares fit over the samples from the baseline on.
 - rounds: each peer's hivemind log (``-v``) says, per epoch, "Averaged gradients with N peers", "Averaging
   gradients failed", or "Skipped averaging". A round is lost when it failed or was skipped; the ones within
-  ``--kill-window-s`` after the kill (and the restarted peer's first) are counted apart, as killed on purpose.
+  ``--kill-window-s`` after the kill (and the restarted peer's first) are counted apart, as killed on purpose, and so
+  is the round a peer leaves on Ctrl+C at the end ("left the pending averaging round to exit").
 - exit: seconds from SIGINT to exit, and whether any log holds a traceback.
 
     python bench/soak.py [--minutes 30] [--peers 4] [--no-append]
@@ -101,20 +102,21 @@ def log_time(line: str) -> Optional[float]:
 
 def count_rounds(log: Path, kill_span: tuple[float, float]) -> dict:
     """Rounds averaged and lost in one peer's log; lost rounds inside ``kill_span`` are counted as ``on_purpose``."""
-    averaged, lost, on_purpose, catch_ups, sizes = 0, 0, 0, 0, []
+    averaged, lost, on_purpose, catch_ups, sizes, stopping = 0, 0, 0, 0, [], False
     for line in log.read_text(errors="replace").splitlines():
+        stopping = stopping or "received SIGINT" in line
         if match := AVERAGED.search(line):
             averaged += 1
             sizes.append(int(match.group(1)))
         elif LOST.search(line):
             when = log_time(line)
-            if when is not None and kill_span[0] <= when <= kill_span[1]:
+            if stopping or when is not None and kill_span[0] <= when <= kill_span[1]:
                 on_purpose += 1
             else:
                 lost += 1
         elif CATCH_UP.search(line):
             catch_ups += 1
-    return {"averaged": averaged, "lost": lost, "lost_to_kill": on_purpose, "catch_ups": catch_ups,
+    return {"averaged": averaged, "lost": lost, "on_purpose": on_purpose, "catch_ups": catch_ups,
             "mean_group": sum(sizes) / len(sizes) if sizes else 0.0}
 
 
@@ -242,7 +244,7 @@ def report(args, work: Path, peers: list[Proc], coordinator: Proc, steps: list[i
         f"Memory is PSS of each process group; baseline = minute {base}.",
         "",
         "| process | PSS at baseline MB | PSS last MB | last / baseline | slope MB/min | rounds averaged | "
-        "mean group | lost | lost to the kill | state reloads | SIGINT exit |",
+        "mean group | lost | lost on purpose (kill, Ctrl+C) | state reloads | SIGINT exit |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p, series, rounds in rows:
@@ -253,7 +255,7 @@ def report(args, work: Path, peers: list[Proc], coordinator: Proc, steps: list[i
             memory = f"{series[0]:.0f} | {series[-1]:.0f} | {series[-1] / series[0]:.3f} | {slope_per_min(series):+.2f}"
         else:
             memory = "- | - | - | -"
-        counted = (f"{rounds['averaged']} | {rounds['mean_group']:.2f} | {rounds['lost']} | {rounds['lost_to_kill']} | "
+        counted = (f"{rounds['averaged']} | {rounds['mean_group']:.2f} | {rounds['lost']} | {rounds['on_purpose']} | "
                    f"{rounds['catch_ups']}" if rounds else "- | - | - | - | -")
         lines.append(f"| {p.name} | {memory} | {counted} | {exit_text} |")
     lines += ["", f"Logs with a traceback: {', '.join(tracebacks) or 'none'}.", ""]
