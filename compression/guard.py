@@ -10,15 +10,23 @@ state-averaging round. Two places see foreign data, and both are guarded here:
   contribution, the one thing we know is honest: the RMS of our part, but at least 1e-3 of the RMS of everything we
   average in this all-reduce (a part of ours that happens to be near zero must not make every honest peer's look
   absurd).
-  A peer that reduces without contributing (an auxiliary peer) uses the median of the senders' RMS instead, which
-  resists a minority of attackers but not one attacker in a pair.
+  What passes is still bounded (centered clipping): each other contribution is pulled into a ball of RMS radius
+  ``CLIP_RATIO`` (2) x ours around our part, and each claimed weight counts as at most ``WEIGHT_RATIO`` (2) x the
+  median weight. A peer sending -100x its gradients thus counts as at most one honest peer pulling the other way, and
+  two honest peers still outweigh it. An honest groupmate's part (an independent batch) lies ~1.4x our RMS away,
+  inside the ball.
+  A peer that reduces without contributing (an auxiliary peer, the state replica) uses the median of the senders' RMS
+  as the reference and their coordinate-wise median as the ball's center, which resists a minority of attackers but
+  not one attacker in a pair.
 * as a **sender**, the averaged deltas each reducer streams back: ``GuardedAllReduceRunner`` replaces a delta that is
   non-finite, or whose RMS is more than ``max_norm_ratio`` times the same reference, with zeros, so for that part we
-  keep our own value instead of the reducer's.
+  keep our own value instead of the reducer's; a smaller one is clipped to ``DELTA_CLIP_RATIO`` (3) x our RMS.
 
 Dropping costs honest peers nothing but that contribution for that round; nobody is banned, because a peer whose
-fp16 step overflowed once is not an attacker. What is not guarded: a sender's claimed weight (it is hivemind's
-sample count, and bounding it would need a trusted sample rate), and a state *download* from a malicious donor.
+fp16 step overflowed once is not an attacker. What is not guarded: a state *download* from a malicious donor; and a
+malicious reducer still moves the parts it reduces by up to 3x our RMS, which for those parts (1/n of the model) is
+an ascent step. A refused or clipped delta also leaves the honest peers' copies of that part (under PowerSGD, their
+P or Q factors) different until the next state-averaging round.
 """
 
 from __future__ import annotations
@@ -42,6 +50,17 @@ logger = logging.getLogger(__name__)
 # An honest contribution differs from ours by the noise between two batches, a few times at most; 1000x is "absurd".
 MAX_NORM_RATIO = 1e3
 
+# What is not absurd is still bounded: a reducer clips each contribution to a ball around its own part (centered
+# clipping, radius CLIP_RATIO x our RMS), so a peer that sends -100x its gradients counts as at most -1x ours. Two
+# batches' gradients that are uncorrelated differ by ~1.4x our RMS, so 2x leaves honest peers nearly always whole.
+CLIP_RATIO = 2.0
+# A sender clips each averaged delta it gets back to DELTA_CLIP_RATIO x the RMS of the part it sent: an honest
+# average differs from our part by at most the reducer's ball (2x its RMS) plus the distance between our two parts.
+DELTA_CLIP_RATIO = 3.0
+# A sender's weight (hivemind's sample count) counts as at most WEIGHT_RATIO x the median weight of the senders:
+# without it a peer claiming 1e6 samples would make its (clipped) contribution the whole average.
+WEIGHT_RATIO = 2.0
+
 # The least reference, as a fraction of the RMS of all we average in one all-reduce: low enough that a 1e6x part of a
 # small-scale tensor (a bias next to big factors) is still refused, high enough that a part of ours that is ~0 does
 # not make every honest peer's look absurd.
@@ -59,6 +78,14 @@ def _total_rms(tensors: Sequence[torch.Tensor]) -> float:
     squares = sum(float(torch.linalg.vector_norm(t.float())) ** 2 for t in tensors)
     count = sum(t.numel() for t in tensors)
     return math.sqrt(squares / count) if count else 0.0
+
+
+def clip_around(tensor: torch.Tensor, center: torch.Tensor, radius_rms: float) -> torch.Tensor:
+    """``tensor`` moved into the ball of RMS radius ``radius_rms`` around ``center`` (unchanged if inside)."""
+    distance = _rms(tensor - center)
+    if distance <= radius_rms:
+        return tensor
+    return center + (tensor - center) * (radius_rms / distance)
 
 
 def rejection_reason(rms: float, weight: float, reference: float, max_norm_ratio: float) -> Optional[str]:
@@ -82,11 +109,14 @@ class GuardedTensorPartReducer(TensorPartReducer):
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, own_sender_index: Optional[int],
                  max_norm_ratio: float = MAX_NORM_RATIO, on_reject: Optional[RejectCallback] = None,
-                 floor: float = 0.0) -> None:
-        """``floor``: the least reference RMS when we contribute (the RMS of all we average in this all-reduce)."""
+                 floor: float = 0.0, clip_floor: float = 0.0, clip_ratio: float = CLIP_RATIO,
+                 weight_ratio: float = WEIGHT_RATIO) -> None:
+        """``floor``: the least reference RMS for refusing a part when we contribute (1e-3 of the RMS of all we
+        average in this all-reduce); ``clip_floor``: the least for the clipping radius (that RMS itself), so a part of
+        ours that is ~0 (a class absent from our batch) does not squash everyone else's to ~0."""
         self._pending: dict[int, tuple[torch.Tensor, float]] = {}  # before super().__init__, which resets it
         self.own_sender_index, self.max_norm_ratio, self.on_reject = own_sender_index, max_norm_ratio, on_reject
-        self.floor = floor
+        self.floor, self.clip_floor, self.clip_ratio, self.weight_ratio = floor, clip_floor, clip_ratio, weight_ratio
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -129,18 +159,39 @@ class GuardedTensorPartReducer(TensorPartReducer):
 
     def _reduce_pending(self) -> None:
         norms = {index: _rms(tensor) for index, (tensor, _) in self._pending.items()}
-        own = self.own_sender_index
+        own = self.own_sender_index if self.own_sender_index in self._pending else None
         reference = max(norms.get(own, math.nan), self.floor) if own is not None else math.nan
         if not (math.isfinite(reference) and reference > 0):
             finite = [norm for norm in norms.values() if math.isfinite(norm)]
             reference = statistics.median(finite) if finite else 0.0
+        accepted = {}
         for index, (tensor, weight) in sorted(self._pending.items()):
             reason = rejection_reason(norms[index], weight, reference, self.max_norm_ratio)
             if reason is None or (index == own and math.isfinite(norms[index])):
-                self.accumulator.add_(tensor, alpha=weight)
-                self.denominator += weight
+                accepted[index] = (tensor, weight)
             elif self.on_reject is not None:
                 self.on_reject(index, self.current_part_index, reason)
+        if not accepted:
+            return
+        # the ball: around our own part, or (a peer that reduces without contributing, or whose own part is
+        # non-finite) the coordinate-wise median
+        if own in accepted:
+            center, radius = accepted[own][0], self.clip_ratio * max(norms[own], self.clip_floor)
+        else:  # weight-0 contributions (a state replica's zeros) are not part of the crowd
+            crowd = [(t, norms[i]) for i, (t, w) in accepted.items() if w > 0]
+            if not crowd:
+                return self._add(accepted)
+            center = torch.quantile(torch.stack([t.float() for t, _ in crowd]), 0.5, dim=0).to(crowd[0][0].dtype)
+            radius = self.clip_ratio * statistics.median(rms for _, rms in crowd)
+        max_weight = self.weight_ratio * statistics.median(w for _, w in accepted.values() if w > 0)
+        self._add({index: (tensor, weight) if index == own else
+                   (clip_around(tensor, center, radius), min(weight, max_weight))
+                   for index, (tensor, weight) in accepted.items()})
+
+    def _add(self, contributions: dict[int, tuple[torch.Tensor, float]]) -> None:
+        for tensor, weight in contributions.values():
+            self.accumulator.add_(tensor, alpha=weight)
+            self.denominator += weight
 
 
 class GuardedAllReduceRunner(AllReduceRunner):
@@ -154,14 +205,15 @@ class GuardedAllReduceRunner(AllReduceRunner):
         # like an auxiliary peer it judges the senders by their median instead.
         contributes = self.peer_id in self.sender_peer_ids and self.weight > 0
         own = self.sender_peer_ids.index(self.peer_id) if contributes else None
-        self._floor = FLOOR_FRACTION * _total_rms(self.tensor_part_container.local_tensors)
+        self._clip_floor = _total_rms(self.tensor_part_container.local_tensors)
+        self._floor = FLOOR_FRACTION * self._clip_floor
         # hivemind's reducer is replaced before it sees a part: mark it finished, or its __del__ warns "Reducer:
         # received 0.0% of input tensors" twice a round (once per PowerSGD phase) on every peer
         self.tensor_part_reducer.finished.set()
         self.tensor_part_reducer = GuardedTensorPartReducer(
             self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders, own, max_norm_ratio,
             on_reject=lambda sender, _part, reason: self._note_rejection(self.sender_peer_ids[sender], reason),
-            floor=self._floor,
+            floor=self._floor, clip_floor=self._clip_floor,
         )
         # hivemind builds its TensorPartContainer inside __init__ and calls register_processed_part for every delta a
         # reducer streams back; wrapping that one bound method of this instance is the narrowest hook there is.
@@ -180,6 +232,9 @@ class GuardedAllReduceRunner(AllReduceRunner):
             if reason is not None:
                 self._note_rejection(peer_id, f"averaged part: {reason}")
                 delta = torch.zeros_like(sent)
+            elif self.weight > 0:
+                radius = DELTA_CLIP_RATIO * max(_rms(sent), self._clip_floor)
+                delta = clip_around(delta, torch.zeros_like(delta), radius)
         self._register_delta(peer_index, part_index, delta)
 
     def _note_rejection(self, peer_id: Any, reason: str) -> None:

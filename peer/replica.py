@@ -101,7 +101,12 @@ class ReplicaOptimizer(SwarmOptimizer):
     def _should_load_state_from_peers(self) -> bool:
         # Stricter than hivemind's (which lets a peer one step behind go on): a replica one step behind has missed
         # a round, and would apply the next round's gradient as its own step, one step late, forever.
-        behind = self.local_epoch < self.tracker.global_epoch
+        # ...but one step behind with our round for this step still in flight is only late: the trainers moved on
+        # as their part of the round ended, ours may end a moment later. The round's outcome decides (a failed
+        # round sets needs_reload in _update_global_epoch); marking it now kept a replica that averaged every round
+        # out of sync, not serving, until its next reload (seen in test_replica on a loaded box).
+        in_flight = self.scheduled_grads is not None and not self.scheduled_grads.done()
+        behind = self.local_epoch < self.tracker.global_epoch - (1 if in_flight else 0)
         wanted = self.needs_reload or behind or super()._should_load_state_from_peers()
         if wanted:
             self.needs_reload = True

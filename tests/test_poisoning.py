@@ -2,14 +2,14 @@
 its gradients, all four in one all-reduce group, while a fifth process claims epoch 10**6 in its signed progress
 record (tests/faulty_peer.py); everything through the real CLIs on loopback.
 
-What must hold: the honest peers reach their last step with finite weights, each of them says it dropped data from
-both attackers and ignored the epoch claim. Without the guard the NaN peer makes every honest update non-finite, and
-the epoch claim kept every honest peer reloading state at step 0.
+What must hold: the honest peers reach their last step with finite weights and a falling loss, each says it
+dropped an attacker's data and ignored the epoch claim, and each attacker's data was dropped. Without the guard the NaN peer makes every honest
+update non-finite, and the epoch claim kept every honest peer reloading state at step 0.
 
-What the guard does not promise: a falling loss. A part is refused when it is more than 1000x ours, and the ascent
-peer's own gradients shrink as its weights go bad, so some of its -1e6x parts fall under the bar and push the honest
-peers uphill (one run: 4.0 -> 5.1 -> 3.2); under PowerSGD, refusing an attacker's averaged factors also leaves the
-honest peers' P and Q mismatched for that span. Bounding every contribution (clipping to the median) is the next step.
+The ascent peer's -1e6x parts are refused while they are more than 1000x ours; its own gradients shrink as its
+weights go bad, and the parts that fall under that bar are clipped to a ball of 2x our RMS around our part
+(compression/guard.py), so they count as at most one honest peer pulling the other way. Before the clipping the loss
+went uphill (one run: 4.0 -> 5.1 -> 3.2).
 """
 
 from __future__ import annotations
@@ -79,15 +79,29 @@ def test_honest_peers_finish_with_finite_weights(swarm):
         assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_honest_loss_keeps_falling(swarm):
+    """Each progress line's loss is the mean since the previous line: the later half must be below the earlier."""
+    _, _, logs = swarm
+    for i in range(2):
+        losses = [float(x) for x in re.findall(r"^step \d+ \| loss ([\d.]+)", logs[f"honest{i}"], re.M)]
+        assert len(losses) >= 4, logs[f"honest{i}"]
+        half = len(losses) // 2
+        early, late = sum(losses[:half]) / half, sum(losses[half:]) / (len(losses) - half)
+        assert late < early and losses[-1] < losses[0], losses
+
+
 def test_honest_peers_averaged_with_the_attackers_and_dropped_their_data(swarm):
     _, _, logs = swarm
     attackers = {kind: peer_id(logs[kind]) for kind in ATTACKS}
-    for i in range(2):
-        log = logs[f"honest{i}"]
+    honest = [logs[f"honest{i}"] for i in range(2)]
+    for log in honest:
         sizes = json.loads(re.search(r"all-reduce group sizes: (\{.*\})", log).group(1))
         assert any(int(size) >= 3 for size in sizes), sizes  # the attackers really were in the group
-        for kind, attacker in attackers.items():
-            assert f"dropped data from peer {attacker}" in log, (kind, log)
+        assert "dropped data from peer" in log, log
+    # Which honest peer meets which attacker in a full round is up to matchmaking (the NaN peer, whose own state is
+    # NaN, keeps reloading and misses rounds): each attacker must have been caught by at least one of them.
+    for kind, attacker in attackers.items():
+        assert any(f"dropped data from peer {attacker}" in log for log in honest), (kind, honest)
 
 
 def test_honest_peers_ignore_a_far_future_epoch_claim(swarm):

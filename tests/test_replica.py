@@ -81,7 +81,7 @@ def swarm(tmp_path_factory):
             "--min-peers", "2", "--threads", "1", "--no-augment",
         ]
         data = ["--data", str(work / "data" / "train")]
-        procs["replica"] = start(common + ["--role", "replica", "--save-on-exit", str(work / "replica")],
+        procs["replica"] = start(common + ["--role", "replica", "-v", "--save-on-exit", str(work / "replica")],
                                  work / "replica.log")
         # Another recipe (--lr): it must refuse once the training peers have announced theirs.
         wrong = [a if a != "2e-3" else "3e-3" for a in common]
