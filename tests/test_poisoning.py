@@ -7,13 +7,12 @@ dropped an attacker's data and ignored the epoch claim, and each attacker's data
 update non-finite, and the epoch claim kept every honest peer reloading state at step 0.
 
 The ascent peer's -1e6x parts are refused while they are more than 1000x ours; its own gradients shrink as its
-weights go bad, and the parts that fall under that bar are clipped into a ball around the reducer's own part
-(compression/guard.py). Before the guard clipped, the loss went uphill (one run: 4.0 -> 5.1 -> 3.2).
+weights go bad, and parts that fall under that bar are averaged in (before the epoch vote and warm-up, one run went
+4.0 -> 5.1 -> 3.2). In the runs since, the loss fell.
 
-What the guard does not promise: a falling loss when attackers can be half of a round. The ball's radius follows the
-contributions' median RMS (a radius of our own RMS alone clipped 5% of an honest pair's parts and cost ~2 points of
-MNIST parity), so a pair of one honest peer and one attacker is not bounded. Measured with a third attacker at -30x
-(under the 1000x bar) beside these, three attackers to two honest peers: the honest loss went 3.9 -> 7.0.
+What the guard does not promise: a falling loss when attackers under the bar are half of a round. Measured with a
+third attacker at -30x beside these (three attackers to two honest peers), with the guard's centered clipping on
+(off by default, compression/guard.py): the honest loss went 3.9 -> 7.0.
 """
 
 from __future__ import annotations
