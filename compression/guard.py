@@ -170,9 +170,8 @@ class GuardedTensorPartReducer(TensorPartReducer):
                 self.on_reject(index, self.current_part_index, reason)
         if not accepted:
             return
-        # the ball: around our own part, or (a peer that reduces without contributing, or whose own part is
-        # non-finite) the coordinate-wise median
-        # weight-0 contributions (a state replica's zeros) are not part of the crowd
+        # Clipping (off unless clip_ratio is finite; WEIGHT_RATIO's cap goes with it). The crowd leaves out weight-0
+        # contributions (a state replica's zeros).
         crowd = [(t, norms[i]) for i, (t, w) in accepted.items() if w > 0]
         if not crowd or not math.isfinite(self.clip_ratio):
             return self._add(accepted)
@@ -180,6 +179,7 @@ class GuardedTensorPartReducer(TensorPartReducer):
         # honest pair's contributions (parts where ours happened to be small) and cost ~2 points of MNIST parity;
         # the median moves only with a majority, so one attacker among three or more still meets the bound.
         median_rms = statistics.median(rms for _, rms in crowd)
+        # The ball: around our own part, or (no part of our own, or a non-finite one) the coordinate-wise median.
         if own in accepted:
             center, radius = accepted[own][0], self.clip_ratio * max(norms[own], median_rms, self.clip_floor)
         else:
@@ -199,7 +199,7 @@ class GuardedTensorPartReducer(TensorPartReducer):
     def finalize(self) -> None:
         if self.clipped and not self.finished.is_set():
             logger.info(f"clipped {self.clipped} of {self.contributions} groupmates' contributions to the parts we "
-                        f"reduced (further than {self.clip_ratio:g}x our RMS from our own)")
+                        f"reduced (further than {self.clip_ratio:g}x the larger of our RMS and the median RMS from our own part)")
         super().finalize()
 
     def _add(self, contributions: dict[int, tuple[torch.Tensor, float]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -35,3 +36,15 @@ def wait_for_text(path: Path, proc: subprocess.Popen, timeout: float) -> str:
         assert proc.poll() is None, f"process exited early with {proc.returncode}"
         time.sleep(0.2)
     raise TimeoutError(path)
+
+
+def wait_for_line(path: Path, proc: subprocess.Popen, pattern: str, timeout: float, offset: int = 0) -> re.Match:
+    """The first match of ``pattern`` in ``path`` past ``offset`` characters; fails if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.compile(pattern).search(path.read_text(errors="replace"), offset) if path.is_file() else None
+        if match:
+            return match
+        assert proc.poll() is None, f"{path.name}: exited with {proc.returncode}:\n{path.read_text()[-3000:]}"
+        time.sleep(0.2)
+    raise TimeoutError(f"{pattern!r} not in {path} within {timeout:.0f} s:\n{path.read_text()[-3000:]}")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from procs import kill, start, wait_for_text
+from procs import kill, start, wait_for_line, wait_for_text
 
 pytestmark = pytest.mark.slow
 
@@ -264,14 +264,3 @@ def test_ctrl_c_while_the_group_is_gone_exits_within_seconds(tmp_path):
     assert code == 0 and took < 15.0, (took, tail)
     assert "Traceback" not in tail, tail
 
-
-def wait_for_line(path: Path, proc: subprocess.Popen, pattern: str, timeout: float, offset: int = 0) -> re.Match:
-    """The first match of ``pattern`` in ``path`` past ``offset`` characters; fails if ``proc`` exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.compile(pattern).search(path.read_text(errors="replace"), offset) if path.is_file() else None
-        if match:
-            return match
-        assert proc.poll() is None, f"{path.name}: exited with {proc.returncode}:\n{path.read_text()[-3000:]}"
-        time.sleep(0.2)
-    raise TimeoutError(f"{pattern!r} not in {path} within {timeout:.0f} s:\n{path.read_text()[-3000:]}")
