@@ -51,6 +51,9 @@ class GradientAveragerFactory:
     traffic: TrafficCounters
 
     def __call__(self, **kwargs: Any) -> GradientAverager:
+        # Nobody downloads a gradient averager's tensors (a joiner loads from the state averager), but hivemind
+        # declares every averager a download source by default and re-declares it in the DHT after every all-reduce.
+        kwargs.setdefault("allow_state_sharing", False)
         if not self.config.uses_powersgd:
             return CountingGradientAverager(traffic=self.traffic, **kwargs)
         cls = CountingFlatPowerSGDGradientAverager if self.config.layout == "flat" else CountingPowerSGDGradientAverager

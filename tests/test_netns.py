@@ -1,7 +1,8 @@
 """The emulated-home-link harness (bench/netns.py): two peers in their own namespaces behind a tbf-limited link.
 
 Asserts that gradient averaging works across the namespaces and that what our TrafficCounters count as sent matches
-what the kernel counted on each peer's interface, within 10%: the check behind the bytes table in bench/RESULTS.md.
+what the kernel counted on each peer's interface, within 10% for megabytes of fp32 (25% for PowerSGD's few hundred
+KB, where TCP/IP headers weigh more): the check behind the bytes table in bench/RESULTS.md.
 Skips (with the reason) where namespaces cannot be made: not root, no iproute2, a sandbox without CAP_SYS_ADMIN.
 """
 
@@ -19,17 +20,27 @@ from netns import RELAY_PORT, SERVICE_PORT, Lab, LinkSpec  # noqa: E402
 from netns_peer import drive_rounds, start_rounds_peers  # noqa: E402
 
 ROUNDS = 3
-# 4 MiB of fp32 per peer: in a pair each peer sends half as a sender and returns the other half averaged, so
-# ~4 MiB per round, against a few KB of matchmaking and DHT traffic in the same interval.
-SHAPES = [[512, 1024], [1024, 512]]
+# fp32: 4 MiB per peer. In a pair each peer sends half as a sender and returns the other half averaged, so ~4 MiB per
+# round, against a few KB of matchmaking and DHT traffic in the same interval.
+FP32_SHAPES = [[512, 1024], [1024, 512]]
+# PowerSGD-8bit on 120 matrices: ~0.25 MB of factors per round, where a cost per tensor shows. hivemind re-declared a
+# gradient averager in the DHT after every tensor it updated (two DHT RPCs, ~2.7 KB on the wire, per tensor and
+# phase): eth0 carried 2.1x what we counted on ConvNeXt-T's 180 tensors, ~2.3x here. Without it, ~1.11x here: a few
+# hundred KB a round, so TCP/IP headers and ACKs weigh more than against megabytes.
+MANY_SHAPES = [[256, 256]] * 120
+# name: (mode, shapes, least payload per round, most eth0 / counted)
+CASES = {"fp32": ("none", FP32_SHAPES, 4 * 2**20, 1.10),
+         "powersgd-8bit, 120 tensors": ("powersgd-8bit", MANY_SHAPES, 0, 1.25)}
 
 
 @pytest.mark.slow
-def test_two_peers_average_over_a_rate_limited_link(netns_ok) -> None:
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_peers_average_over_a_rate_limited_link(netns_ok, case) -> None:
+    mode, shapes, payload, most = CASES[case]
     link = LinkSpec(up_mbit=50.0, down_mbit=100.0)
     with Lab("cfh-test-") as lab:
         nodes = [lab.add_node(f"p{i}", link) for i in range(2)]
-        peers = start_rounds_peers(lab, nodes, ready_timeout=60, shapes=SHAPES, mode="none", run_id="netns_test")
+        peers = start_rounds_peers(lab, nodes, ready_timeout=60, shapes=shapes, mode=mode, run_id="netns_test")
         before = lab.all_counters()
         results = drive_rounds(peers, ROUNDS, timeout=90)
         after = lab.all_counters()
@@ -38,17 +49,18 @@ def test_two_peers_average_over_a_rate_limited_link(netns_ok) -> None:
         assert [r["error"] for r in rounds] == [""] * ROUNDS
         assert [r["group_size"] for r in rounds] == [2] * ROUNDS
         assert rounds[-1]["traffic"]["grad_rounds"] == ROUNDS
-        assert max(r["max_abs_error"] for r in rounds) < 1e-5  # fp32: each peer got the exact mean of both
+        if mode == "none":
+            assert max(r["max_abs_error"] for r in rounds) < 1e-5  # fp32: each peer got the exact mean of both
     for node, rounds in zip(nodes, results, strict=True):
         sent = after[node.name].tx_bytes - before[node.name].tx_bytes
         counted = rounds[-1]["traffic"]["grad_bytes_sent"]
-        assert counted >= ROUNDS * 4 * 2**20 * 0.95  # the payload itself (4 MiB per round per peer in a pair)
+        assert counted >= ROUNDS * payload * 0.95  # the fp32 payload itself (4 MiB per round per peer in a pair)
         # The interface sees more than we count: TCP/IP headers and ACKs, libp2p's noise/yamux framing, matchmaking
-        # and DHT messages; all of it is small against megabytes of payload per round.
-        assert counted <= sent <= 1.10 * counted, f"{node.name}: eth0 sent {sent} B, we counted {counted} B"
+        # and DHT messages; all of it is small against what a round carries.
+        assert counted <= sent <= most * counted, f"{node.name}: eth0 sent {sent} B, we counted {counted} B"
         received = after[node.name].rx_bytes - before[node.name].rx_bytes
         counted = rounds[-1]["traffic"]["grad_bytes_received"]
-        assert counted <= received <= 1.10 * counted, f"{node.name}: eth0 got {received} B, we counted {counted} B"
+        assert counted <= received <= most * counted, f"{node.name}: eth0 got {received} B, we counted {counted} B"
 
 
 def test_relay_adds_latency_and_forwards_everything(netns_ok) -> None:
