@@ -9,7 +9,9 @@ state-averaging round. Two places see foreign data, and both are guarded here:
   whose RMS is more than ``max_norm_ratio`` times the reference, and averages the rest. The reference is our own
   contribution, the one thing we know is honest: the RMS of our part, but at least 1e-3 of the RMS of everything we
   average in this all-reduce (a part of ours that happens to be near zero must not make every honest peer's look
-  absurd).
+  absurd). A sender with one part dropped has the rest of its parts in this all-reduce dropped too: that floor lets
+  -1e6x of a tiny part through (ConvNeXt's layer scale makes some parts of a gradient ~1e-4 of the rest), and
+  tests/test_poisoning.py measured an ascent peer's parts at 35x-1e6x ours, some under the bar.
   Centered clipping of what passes (a ball around our own part, weights capped at a multiple of the median) is
   built and unit-tested but off by default (``CLIP_RATIO``, see there for why).
   A peer that reduces without contributing (an auxiliary peer, the state replica) uses the median of the senders' RMS
@@ -17,11 +19,13 @@ state-averaging round. Two places see foreign data, and both are guarded here:
   not one attacker in a pair.
 * as a **sender**, the averaged deltas each reducer streams back: ``GuardedAllReduceRunner`` replaces a delta that is
   non-finite, or whose RMS is more than ``max_norm_ratio`` times the same reference, with zeros, so for that part we
-  keep our own value instead of the reducer's (and, with clipping on, clips a smaller one to ``DELTA_CLIP_RATIO``).
+  keep our own value instead of the reducer's (and, with clipping on, clips a smaller one to ``DELTA_CLIP_RATIO``);
+  after one refused delta, the rest of that reducer's are refused too.
 
-Dropping costs honest peers nothing but that contribution for that round; nobody is banned, because a peer whose
-fp16 step overflowed once is not an attacker. What is not guarded: a state *download* from a malicious donor; a part
-under the 1000x bar (with clipping off it is averaged in as it is); and a malicious reducer's deltas under the bar,
+Dropping costs honest peers nothing but that contribution for that round; nobody is banned beyond the all-reduce,
+because a peer whose fp16 step overflowed once is not an attacker. What is not guarded: a state *download* from a
+malicious donor; a part under the 1000x bar before any of the sender's is refused (with clipping off it is averaged
+in as it is); and a malicious reducer's deltas under the bar,
 for the parts it reduces (1/n of the model). A refused delta also leaves the honest peers' copies of that part (under PowerSGD, their
 P or Q factors) different until the next state-averaging round.
 """
@@ -111,6 +115,7 @@ class GuardedTensorPartReducer(TensorPartReducer):
         average in this all-reduce); ``clip_floor``: the least for the clipping radius (that RMS itself), so a part of
         ours that is ~0 (a class absent from our batch) does not squash everyone else's to ~0."""
         self._pending: dict[int, tuple[torch.Tensor, float]] = {}  # before super().__init__, which resets it
+        self._distrusted: set[int] = set()  # senders with a part refused in this all-reduce: the rest goes too
         self.own_sender_index, self.max_norm_ratio, self.on_reject = own_sender_index, max_norm_ratio, on_reject
         self.floor, self.clip_floor, self.clip_ratio, self.weight_ratio = floor, clip_floor, clip_ratio, weight_ratio
         self.clipped, self.contributions = 0, 0  # other senders' contributions clipped / accepted, this all-reduce
@@ -163,10 +168,18 @@ class GuardedTensorPartReducer(TensorPartReducer):
             reference = statistics.median(finite) if finite else 0.0
         accepted = {}
         for index, (tensor, weight) in sorted(self._pending.items()):
-            reason = rejection_reason(norms[index], weight, reference, self.max_norm_ratio)
-            if reason is None or (index == own and math.isfinite(norms[index])):
+            if index == own:
+                reason = None if math.isfinite(norms[index]) else "non-finite values"
+            elif index in self._distrusted:
+                reason = "another of its parts was refused in this all-reduce"
+            else:
+                reason = rejection_reason(norms[index], weight, reference, self.max_norm_ratio)
+            if reason is None:
                 accepted[index] = (tensor, weight)
-            elif self.on_reject is not None:
+                continue
+            if index != own:
+                self._distrusted.add(index)
+            if self.on_reject is not None:
                 self.on_reject(index, self.current_part_index, reason)
         if not accepted:
             return
@@ -215,6 +228,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
         super().__init__(**kwargs)
         self.max_norm_ratio = max_norm_ratio
         self._rejected: dict[Any, set[str]] = {}  # peer -> reasons, logged once per peer and all-reduce
+        self._distrusted: set[int] = set()  # reducers with an averaged part refused: the rest of theirs goes too
         # Our own part is the reference only when it carries weight: a state replica sends zeros with weight 0, and
         # like an auxiliary peer it judges the senders by their median instead.
         contributes = self.peer_id in self.sender_peer_ids and self.weight > 0
@@ -239,17 +253,28 @@ class GuardedAllReduceRunner(AllReduceRunner):
         peer_id = self.ordered_peer_ids[peer_index]
         if peer_id != self.peer_id and container.return_deltas:
             sent = container._input_parts_by_peer[peer_index][part_index][0]
-            # With weight 0 (a state replica) what we sent is no reference: zeros, or error feedback we do not
-            # contribute. Only non-finite deltas are refused then; the reducers' own guard still ran on their side.
-            reference = max(_rms(sent), self._floor) if self.weight > 0 else 0.0
-            reason = rejection_reason(_rms(delta), 1.0, reference, self.max_norm_ratio)
+            reason = self._delta_refusal(peer_index, sent, delta)
             if reason is not None:
+                self._distrusted.add(peer_index)
                 self._note_rejection(peer_id, f"averaged part: {reason}")
                 delta = torch.zeros_like(sent)
             elif self.weight > 0:
                 radius = DELTA_CLIP_RATIO * max(_rms(sent), self._clip_floor)
                 delta = clip_around(delta, torch.zeros_like(delta), radius)
         self._register_delta(peer_index, part_index, delta)
+
+    def _delta_refusal(self, peer_index: int, sent: torch.Tensor, delta: torch.Tensor) -> Optional[str]:
+        """Why an averaged delta from this reducer is refused (None: it is applied).
+
+        With weight 0 (a state replica) what we sent is no reference: zeros, or error feedback we do not contribute.
+        Only non-finite deltas are refused then; the reducers' own guard still ran on their side.
+        """
+        delta_rms = _rms(delta)
+        if self.weight <= 0 or not math.isfinite(delta_rms):
+            return rejection_reason(delta_rms, 1.0, 0.0, self.max_norm_ratio)
+        if peer_index in self._distrusted:
+            return "another of its averaged parts was refused in this all-reduce"
+        return rejection_reason(delta_rms, 1.0, max(_rms(sent), self._floor), self.max_norm_ratio)
 
     def _note_rejection(self, peer_id: Any, reason: str) -> None:
         reasons = self._rejected.setdefault(peer_id, set())

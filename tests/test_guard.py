@@ -43,14 +43,42 @@ def test_nan_and_huge_contributions_are_dropped_and_honest_ones_averaged():
     huge = [torch.randn(100) * 1e6, torch.randn(30) * 1e6]
     results, rejected = reduce({0: honest[0], 1: honest[1], 2: nan, 3: huge}, own=0)
 
-    expected_first = (honest[0][0] + honest[1][0]) / 2  # neither NaN nor 1e6x counts
-    expected_second = (honest[0][1] + honest[1][1] + nan[1]) / 3  # the NaN peer's finite part still counts
+    expected = [(honest[0][i] + honest[1][i]) / 2 for i in range(2)]  # neither NaN nor 1e6x counts
     for per_sender in results:  # every sender, the attackers included, gets the same average back
-        assert torch.allclose(per_sender[0], expected_first)
-        assert torch.allclose(per_sender[1], expected_second)
-    assert {(sender, part) for sender, part, _ in rejected} == {(2, 0), (3, 0), (3, 1)}
-    assert all("non-finite" in reason for sender, _, reason in rejected if sender == 2)
-    assert all("x ours" in reason for sender, _, reason in rejected if sender == 3)
+        assert torch.allclose(per_sender[0], expected[0])
+        assert torch.allclose(per_sender[1], expected[1])  # the NaN peer's finite second part goes too
+    assert {(sender, part) for sender, part, _ in rejected} == {(2, 0), (2, 1), (3, 0), (3, 1)}
+    reasons = {(sender, part): reason for sender, part, reason in rejected}
+    assert "non-finite" in reasons[2, 0] and "x ours" in reasons[3, 0]
+    assert "another of its parts" in reasons[2, 1]
+
+
+def test_an_attacker_cannot_hide_in_the_tiny_parts_of_a_gradient():
+    """Measured in test_poisoning: ConvNeXt's layer scale (1e-6 at init) makes some parts of an honest gradient ~1e-4
+    of the rest, so -1e6x of such a part is under the bar against our floor (1e-3 of all we average), and the ascent
+    peer's parts came in at 35x-1e6x ours. Once one of its parts is refused, the rest of the all-reduce goes too.
+    What still passes: a tiny part before the first refused one (part 0 here)."""
+    torch.manual_seed(5)
+    scales = [1e-4, 1.0, 1e-4, 1e-4]  # per part: a tiny layer, a normal one, two tiny ones
+    honest = [[torch.randn(100) * scale for scale in scales] for _ in range(2)]
+    ascent = [-1e6 * part for part in honest[1]]
+    results, rejected = reduce({0: honest[0], 1: honest[1], 2: ascent}, own=0, floor=1.0)
+    for i in (1, 2, 3):
+        assert torch.allclose(results[0][i], (honest[0][i] + honest[1][i]) / 2)
+    reasons = {(sender, part): reason for sender, part, reason in rejected}
+    assert set(reasons) == {(2, 1), (2, 2), (2, 3)}
+    assert "RMS" in reasons[2, 1] and "another of its parts" in reasons[2, 2]
+
+
+def test_an_honest_peer_whose_part_is_tiny_is_not_refused():
+    """The same tiny-then-normal parts from an honest groupmate at a few times our scale: all averaged."""
+    torch.manual_seed(6)
+    scales = [1e-4, 1.0, 1e-4]
+    parts = {0: [torch.randn(100) * scale for scale in scales], 1: [torch.randn(100) * 3 * scale for scale in scales]}
+    results, rejected = reduce(parts, own=0, floor=1e-3)
+    assert not rejected
+    for i in range(3):
+        assert torch.allclose(results[0][i], (parts[0][i] + parts[1][i]) / 2)
 
 
 def test_a_near_zero_part_of_ours_does_not_make_honest_parts_look_absurd():

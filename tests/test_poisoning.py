@@ -3,17 +3,20 @@ its gradients, all four in one all-reduce group, while a fifth process claims ep
 record (tests/faulty_peer.py); everything through the real CLIs on loopback.
 
 What must hold: the honest peers reach their last step with finite weights, each says it dropped an attacker's data
-and ignored the epoch claim, and each attacker's data was dropped. Without the guard the NaN peer makes every honest
-update non-finite, and the epoch claim kept every honest peer reloading state at step 0.
+and ignored the epoch claim, each attacker's data was dropped, and each honest peer's final weights score a lower
+loss than the initial ones. Without the guard the NaN peer makes every honest update non-finite, and the epoch claim
+kept every honest peer reloading state at step 0.
 
-The ascent peer's -1e6x parts are refused while they are more than 1000x ours; its own gradients shrink as its
-weights go bad, and parts that fall under that bar are averaged in (before the epoch vote and warm-up, one run went
-4.0 -> 5.1 -> 3.2). A falling loss is therefore not asserted: it fell in 5 runs of this session, and in the 6th
-(a fresh-clone CI run) it went 3.0 -> 4.3 when such parts came in.
+The ascent peer's parts came in at 35x-1e6x ours (ConvNeXt's layer scale makes some parts of a gradient ~1e-4 of
+the rest); with a 1000x bar per part, those after the first refused one were averaged in. Now a sender with one part
+refused has the rest of that all-reduce refused too (tests/test_guard.py).
 
-What the guard does not promise: a falling loss when attackers under the bar are half of a round. Measured with a
-third attacker at -30x beside these (three attackers to two honest peers), with the guard's centered clipping on
-(off by default, compression/guard.py): the honest loss went 3.9 -> 7.0.
+What is not covered: the attackers do not serve their state (faulty_peer.py). An honest peer that joins after the
+ascent peer has stepped on its own poison downloads it, and the state download is not guarded: measured, both honest
+peers' loss went 3.9 -> 7.0 at once and their final loss on the training rows was 5.2-5.4 against 3.9 at init.
+Nor does the guard promise a falling loss when attackers under the bar are half of a round: with a third attacker at
+-30x beside these (three attackers to two honest peers), with the guard's centered clipping on (off by default,
+compression/guard.py), the honest loss went 3.9 -> 7.0.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ import pytest
 import torch
 from procs import kill, start, wait_for_text
 from safetensors.torch import load_file
+
+from convforever.data import DataConfig
+from convforever.model import ModelConfig, create_model
+from convforever.model.checkpoint import load_checkpoint
+from convforever.peer.evaluate import evaluate
+from convforever.peer.trainer import initial_seed
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +104,22 @@ def test_honest_peers_averaged_with_the_attackers_and_dropped_their_data(swarm):
     # NaN, keeps reloading and misses rounds): each attacker must have been caught by at least one of them.
     for kind, attacker in attackers.items():
         assert any(f"dropped data from peer {attacker}" in log for log in honest), (kind, honest)
+
+
+def test_honest_peers_learn_beside_the_attackers(swarm):
+    """Each honest peer's final weights score a lower loss on the training rows than the run's seeded initial weights
+    (what every peer starts from). The loss printed per step is too noisy for this: 128 samples, +-0.3 between
+    steps of an unattacked run."""
+    work, _, _ = swarm
+    data = DataConfig(files=str(work / "data" / "train"), image_size=32, batch_size=100, train=False, num_workers=0)
+    losses = {}
+    for i in range(2):
+        model, config = load_checkpoint(next((work / f"honest{i}").rglob("model.safetensors")).parent)
+        losses[f"honest{i}"] = evaluate(model, data, torch.device("cpu"))["loss"]
+    torch.manual_seed(initial_seed("p"))
+    losses["initial"] = evaluate(create_model(ModelConfig.from_dict(config["model"])), data, torch.device("cpu"))["loss"]
+    for i in range(2):
+        assert losses[f"honest{i}"] < 0.9 * losses["initial"], losses
 
 
 def test_honest_peers_ignore_a_far_future_epoch_claim(swarm):
