@@ -51,10 +51,11 @@ class GradientAveragerFactory:
     traffic: TrafficCounters
 
     def __call__(self, **kwargs: Any) -> GradientAverager:
-        # Nobody downloads a gradient averager's tensors (a joiner loads from the state averager), but hivemind
-        # declares every averager a download source by default and re-declares it in the DHT after every all-reduce.
-        kwargs.setdefault("allow_state_sharing", False)
         if not self.config.uses_powersgd:
+            # hivemind.Optimizer has a joiner download the gradient averager's state too. PowerSGD's is its warm
+            # start (the Q factors, small); a plain GradientAverager's is its averaged gradient buffers, a full
+            # fp32 gradient that nothing applies: not worth serving.
+            kwargs.setdefault("allow_state_sharing", False)
             return CountingGradientAverager(traffic=self.traffic, **kwargs)
         cls = CountingFlatPowerSGDGradientAverager if self.config.layout == "flat" else CountingPowerSGDGradientAverager
         averager = cls(averager_rank=self.config.rank, traffic=self.traffic, warmup_steps=self.config.warmup_steps,

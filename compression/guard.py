@@ -12,22 +12,22 @@ state-averaging round. Two places see foreign data, and both are guarded here:
   absurd). A sender with one part dropped has the rest of its parts in this all-reduce dropped too: that floor lets
   -1e6x of a tiny part through (ConvNeXt's layer scale makes some parts of a gradient ~1e-4 of the rest), and
   tests/test_poisoning.py measured an ascent peer's parts at 35x-1e6x ours, some under the bar.
-  Centered clipping of what passes (a ball around our own part, weights capped at a multiple of the median) is
-  built and unit-tested but off by default (``CLIP_RATIO``, see there for why).
   A peer that reduces without contributing (an auxiliary peer, the state replica) uses the median of the senders' RMS
   as the reference (and their coordinate-wise median as the ball's center), which resists a minority of attackers but
   not one attacker in a pair.
 * as a **sender**, the averaged deltas each reducer streams back: ``GuardedAllReduceRunner`` replaces a delta that is
   non-finite, or whose RMS is more than ``max_norm_ratio`` times the same reference, with zeros, so for that part we
-  keep our own value instead of the reducer's (and, with clipping on, clips a smaller one to ``DELTA_CLIP_RATIO``);
-  after one refused delta, the rest of that reducer's are refused too.
+  keep our own value instead of the reducer's; after one refused delta, the rest of that reducer's are refused too.
 
 Dropping costs honest peers nothing but that contribution for that round; nobody is banned beyond the all-reduce,
-because a peer whose fp16 step overflowed once is not an attacker. What is not guarded: a state *download* from a
-malicious donor; a part under the 1000x bar before any of the sender's is refused (with clipping off it is averaged
-in as it is); and a malicious reducer's deltas under the bar,
-for the parts it reduces (1/n of the model). A refused delta also leaves the honest peers' copies of that part (under PowerSGD, their
-P or Q factors) different until the next state-averaging round.
+because a peer whose fp16 step overflowed once is not an attacker. What is not guarded: a part under the 1000x bar
+before any of the sender's is refused (it is averaged in as it is); and a malicious reducer's
+deltas under the bar, for the parts it reduces (1/n of the model). A refused delta also leaves the honest peers'
+copies of that part (under PowerSGD, their P or Q factors) different until the next state-averaging round.
+
+A third place is the state **download** a joiner (or a peer that fell behind) makes from one donor:
+``CheckedDownloadMixin`` lets the peer refuse it before hivemind applies it (the peer scores it on its own data),
+and asks the next donor. A state that scores about as well as ours, but was poisoned subtly, is not caught.
 """
 
 from __future__ import annotations
@@ -40,26 +40,23 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import PeerID
 from hivemind.utils.asyncio import as_aiter, azip
-from hivemind.utils.timed_storage import get_dht_time
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 logger = logging.getLogger(__name__)
 
 # An honest contribution differs from ours by the noise between two batches, a few times at most; 1000x is "absurd".
 MAX_NORM_RATIO = 1e3
 
-# Centered clipping, off by default (math.inf): a reducer may pull each contribution into a ball around its own part
-# (radius CLIP_RATIO x the larger of our RMS and the contributions' median RMS), count a claimed weight as at most
-# WEIGHT_RATIO x the median, and a sender may clip an averaged delta to DELTA_CLIP_RATIO x its RMS. With 2, 2 and 3
-# it bounds a -100x peer among three or more to one honest peer pulling the other way (tests/test_guard.py), but it
-# is not on: a radius of our own RMS alone cost ~2 points of MNIST parity, and with the median in it a group of four
-# peers with uncorrelated gradients of different scales still got a mean off by a few percent (test_compression).
-CLIP_RATIO = math.inf
-DELTA_CLIP_RATIO = math.inf
-WEIGHT_RATIO = math.inf
+# Centered clipping of what passes the bar (a ball around our own part, claimed weights capped) was built and measured
+# in 714e0cc-8804831 and removed: a radius of our own RMS cost ~2 points of MNIST parity, and with the median RMS in
+# it a group of four honest peers with uncorrelated gradients no longer got their exact mean (bench/RESULTS.md).
 
 # The least reference, as a fraction of the RMS of all we average in one all-reduce: low enough that a 1e6x part of a
 # small-scale tensor (a bias next to big factors) is still refused, high enough that a part of ours that is ~0 does
@@ -67,6 +64,10 @@ WEIGHT_RATIO = math.inf
 FLOOR_FRACTION = 1e-3
 
 RejectCallback = Callable[[int, int, str], None]  # (sender index, part index, reason)
+StateCheck = Callable[[Sequence[torch.Tensor]], Optional[str]]  # downloaded parameters -> why refused (None: fine)
+
+# Donors asked per state download before giving up until the next one: each refused state cost a whole download.
+MAX_DONORS_TRIED = 3
 
 
 def _rms(tensor: torch.Tensor) -> float:
@@ -78,14 +79,6 @@ def _total_rms(tensors: Sequence[torch.Tensor]) -> float:
     squares = sum(float(torch.linalg.vector_norm(t.float())) ** 2 for t in tensors)
     count = sum(t.numel() for t in tensors)
     return math.sqrt(squares / count) if count else 0.0
-
-
-def clip_around(tensor: torch.Tensor, center: torch.Tensor, radius_rms: float) -> torch.Tensor:
-    """``tensor`` moved into the ball of RMS radius ``radius_rms`` around ``center`` (unchanged if inside)."""
-    distance = _rms(tensor - center)
-    if distance <= radius_rms:
-        return tensor
-    return center + (tensor - center) * (radius_rms / distance)
 
 
 def rejection_reason(rms: float, weight: float, reference: float, max_norm_ratio: float) -> Optional[str]:
@@ -109,16 +102,13 @@ class GuardedTensorPartReducer(TensorPartReducer):
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, own_sender_index: Optional[int],
                  max_norm_ratio: float = MAX_NORM_RATIO, on_reject: Optional[RejectCallback] = None,
-                 floor: float = 0.0, clip_floor: float = 0.0, clip_ratio: float = CLIP_RATIO,
-                 weight_ratio: float = WEIGHT_RATIO) -> None:
+                 floor: float = 0.0) -> None:
         """``floor``: the least reference RMS for refusing a part when we contribute (1e-3 of the RMS of all we
-        average in this all-reduce); ``clip_floor``: the least for the clipping radius (that RMS itself), so a part of
-        ours that is ~0 (a class absent from our batch) does not squash everyone else's to ~0."""
+        average in this all-reduce), so a part of ours that is ~0 does not make everyone else's look absurd."""
         self._pending: dict[int, tuple[torch.Tensor, float]] = {}  # before super().__init__, which resets it
         self._distrusted: set[int] = set()  # senders with a part refused in this all-reduce: the rest goes too
         self.own_sender_index, self.max_norm_ratio, self.on_reject = own_sender_index, max_norm_ratio, on_reject
-        self.floor, self.clip_floor, self.clip_ratio, self.weight_ratio = floor, clip_floor, clip_ratio, weight_ratio
-        self.clipped, self.contributions = 0, 0  # other senders' contributions clipped / accepted, this all-reduce
+        self.floor = floor
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -166,7 +156,6 @@ class GuardedTensorPartReducer(TensorPartReducer):
         if not (math.isfinite(reference) and reference > 0):
             finite = [norm for norm in norms.values() if math.isfinite(norm)]
             reference = statistics.median(finite) if finite else 0.0
-        accepted = {}
         for index, (tensor, weight) in sorted(self._pending.items()):
             if index == own:
                 reason = None if math.isfinite(norms[index]) else "non-finite values"
@@ -175,50 +164,13 @@ class GuardedTensorPartReducer(TensorPartReducer):
             else:
                 reason = rejection_reason(norms[index], weight, reference, self.max_norm_ratio)
             if reason is None:
-                accepted[index] = (tensor, weight)
+                self.accumulator.add_(tensor, alpha=weight)
+                self.denominator += weight
                 continue
             if index != own:
                 self._distrusted.add(index)
             if self.on_reject is not None:
                 self.on_reject(index, self.current_part_index, reason)
-        if not accepted:
-            return
-        # Clipping (off unless clip_ratio is finite; WEIGHT_RATIO's cap goes with it). The crowd leaves out weight-0
-        # contributions (a state replica's zeros).
-        crowd = [(t, norms[i]) for i, (t, w) in accepted.items() if w > 0]
-        if not crowd or not math.isfinite(self.clip_ratio):
-            return self._add(accepted)
-        # The radius: CLIP_RATIO x the larger of our RMS and the crowd's median RMS. Our RMS alone clipped 5% of an
-        # honest pair's contributions (parts where ours happened to be small) and cost ~2 points of MNIST parity;
-        # the median moves only with a majority, so one attacker among three or more still meets the bound.
-        median_rms = statistics.median(rms for _, rms in crowd)
-        # The ball: around our own part, or (no part of our own, or a non-finite one) the coordinate-wise median.
-        if own in accepted:
-            center, radius = accepted[own][0], self.clip_ratio * max(norms[own], median_rms, self.clip_floor)
-        else:
-            center = torch.quantile(torch.stack([t.float() for t, _ in crowd]), 0.5, dim=0).to(crowd[0][0].dtype)
-            radius = self.clip_ratio * median_rms
-        max_weight = self.weight_ratio * statistics.median(w for _, w in accepted.values() if w > 0)
-        bounded = {}
-        for index, (tensor, weight) in accepted.items():
-            if index != own and weight > 0:
-                clipped = clip_around(tensor, center, radius)
-                self.clipped += clipped is not tensor
-                self.contributions += 1
-                tensor, weight = clipped, min(weight, max_weight)
-            bounded[index] = (tensor, weight)
-        self._add(bounded)
-
-    def finalize(self) -> None:
-        if self.clipped and not self.finished.is_set():
-            logger.info(f"clipped {self.clipped} of {self.contributions} groupmates' contributions to the parts we "
-                        f"reduced (further than {self.clip_ratio:g}x the larger of our RMS and the median RMS from our own part)")
-        super().finalize()
-
-    def _add(self, contributions: dict[int, tuple[torch.Tensor, float]]) -> None:
-        for tensor, weight in contributions.values():
-            self.accumulator.add_(tensor, alpha=weight)
-            self.denominator += weight
 
 
 class GuardedAllReduceRunner(AllReduceRunner):
@@ -233,15 +185,14 @@ class GuardedAllReduceRunner(AllReduceRunner):
         # like an auxiliary peer it judges the senders by their median instead.
         contributes = self.peer_id in self.sender_peer_ids and self.weight > 0
         own = self.sender_peer_ids.index(self.peer_id) if contributes else None
-        self._clip_floor = _total_rms(self.tensor_part_container.local_tensors)
-        self._floor = FLOOR_FRACTION * self._clip_floor
+        self._floor = FLOOR_FRACTION * _total_rms(self.tensor_part_container.local_tensors)
         # hivemind's reducer is replaced before it sees a part: mark it finished, or its __del__ warns "Reducer:
         # received 0.0% of input tensors" twice a round (once per PowerSGD phase) on every peer
         self.tensor_part_reducer.finished.set()
         self.tensor_part_reducer = GuardedTensorPartReducer(
             self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders, own, max_norm_ratio,
             on_reject=lambda sender, _part, reason: self._note_rejection(self.sender_peer_ids[sender], reason),
-            floor=self._floor, clip_floor=self._clip_floor,
+            floor=self._floor,
         )
         # hivemind builds its TensorPartContainer inside __init__ and calls register_processed_part for every delta a
         # reducer streams back; wrapping that one bound method of this instance is the narrowest hook there is.
@@ -258,9 +209,6 @@ class GuardedAllReduceRunner(AllReduceRunner):
                 self._distrusted.add(peer_index)
                 self._note_rejection(peer_id, f"averaged part: {reason}")
                 delta = torch.zeros_like(sent)
-            elif self.weight > 0:
-                radius = DELTA_CLIP_RATIO * max(_rms(sent), self._clip_floor)
-                delta = clip_around(delta, torch.zeros_like(delta), radius)
         self._register_delta(peer_index, part_index, delta)
 
     def _delta_refusal(self, peer_index: int, sent: torch.Tensor, delta: torch.Tensor) -> Optional[str]:
@@ -321,8 +269,101 @@ class GuardedAveragerMixin:
                 raise ValueError("aux peers should not receive averaged tensors")
 
 
-class GuardedTrainingStateAverager(GuardedAveragerMixin, TrainingStateAverager):
-    """hivemind's state averager (parameters, optimizer statistics, the state download) with the guard on.
+class CheckedDownloadMixin(DecentralizedAverager):
+    """A state download that ``state_check`` may refuse before hivemind applies it; a refused donor is not asked again.
+
+    hivemind downloads from the donor with the highest priority and applies what it gets. A peer whose parameters
+    went bad, by malice or by a bug, would hand its state to every joiner: measured in test_poisoning, honest peers
+    that loaded the -1e6x peer's state went from loss 3.9 to 7.0 at once. The check runs in the main process (the
+    peer's: a loss on its own data, see ``Peer.check_downloaded_state``); the refused donors travel to the averager
+    process with each download request, which leaves them out of the donor list and names the donor it used.
+
+    Goes after ``TrainingStateAverager`` in the bases (its ``load_state_from_peers`` applies what ours returns).
+    Pinned to hivemind 1.1.12: ``DecentralizedAverager.load_state_from_peers`` sends ``_load_state_from_peers`` down
+    the pipe, which reads the donors from ``{prefix}.all_averagers`` and asks each through ``get_stub``.
+    """
+
+    state_check: Optional[StateCheck] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._refused_donors: list[str] = []  # main process; base58 peer ids
+        super().__init__(*args, **kwargs)
+
+    def load_state_from_peers(self, wait: bool = True, timeout: Optional[float] = None):
+        for _ in range(MAX_DONORS_TRIED):
+            future = MPFuture()
+            self._outer_pipe.send(("_load_state_from_peers", [],
+                                   dict(timeout=timeout, future=future, refused=tuple(self._refused_donors))))
+            loaded = future.result(timeout=timeout)
+            if loaded is None or self.state_check is None:
+                return loaded
+            metadata, tensors = loaded
+            donor = metadata.pop("_donor", None)
+            num_parameters = sum(len(group["params"]) for group in self.optimizer.param_groups)
+            why = self.state_check(tensors[:num_parameters])
+            if why is None:
+                return loaded
+            logger.warning(f"refused the state downloaded from peer {donor}: {why}; asking another peer")
+            if donor is None:
+                return None
+            self._refused_donors.append(donor)
+        return None
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None,
+                                     refused: Sequence[str] = ()) -> None:
+        asked: list[PeerID] = []
+        real_dht, real_get_stub = self.dht, self.get_stub
+
+        def get_stub(p2p, peer, **kwargs):  # hivemind asks each donor in turn through get_stub
+            asked.append(peer)
+            return real_get_stub(p2p, peer, **kwargs)
+
+        key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
+        self.dht = _WithoutDonors(real_dht, key, {PeerID.from_base58(peer).to_bytes() for peer in refused})
+        self.get_stub = get_stub
+        try:
+            await super()._load_state_from_peers(_NamingDonor(future, asked), timeout=timeout)
+        finally:
+            self.dht = real_dht
+            del self.get_stub
+
+
+class _WithoutDonors:
+    """The averager's DHT handle with refused donors left out of the download key's read (everything else passes)."""
+
+    def __init__(self, dht: Any, key: str, refused: set[bytes]) -> None:
+        self._dht, self._key, self._refused = dht, key, refused
+
+    def get(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        found = self._dht.get(key, *args, **kwargs)
+        if key != self._key or not self._refused or found is None or not isinstance(found.value, dict):
+            return found
+        kept = {subkey: value for subkey, value in found.value.items() if subkey not in self._refused}
+        return ValueWithExpiration(kept, found.expiration_time) if kept else None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dht, name)
+
+
+class _NamingDonor:
+    """The download's future, adding to the metadata which peer the state came from (we set it, not the donor)."""
+
+    def __init__(self, future: MPFuture, asked: list[PeerID]) -> None:
+        self._future, self._asked = future, asked
+
+    def set_result(self, result: Any) -> None:
+        if result is not None and isinstance(result[0], dict):
+            metadata, tensors = result
+            result = ({**metadata, "_donor": str(self._asked[-1]) if self._asked else None}, tensors)
+        self._future.set_result(result)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._future, name)
+
+
+class GuardedTrainingStateAverager(GuardedAveragerMixin, TrainingStateAverager, CheckedDownloadMixin):
+    """hivemind's state averager (parameters, optimizer statistics, the state download) with the guard on, and a
+    state download that the peer checks before it is applied (``CheckedDownloadMixin``).
 
     hivemind names RPC handlers after the class, so every peer of a run (and the coordinator's state download) must
     use this class: ``{prefix}::GuardedTrainingStateAverager.rpc_download_state`` and so on.

@@ -363,9 +363,9 @@ class AuthorizedAveragerMixin:
                     raise AllreduceException(f"group member {peer_id} is not certified for this run: {why}")
         return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
 
-    async def _load_state_from_peers(self, future, timeout: Optional[float] = None):
+    async def _load_state_from_peers(self, future, timeout: Optional[float] = None, **kwargs: Any):
         if self._access is None:
-            return await super()._load_state_from_peers(future, timeout=timeout)
+            return await super()._load_state_from_peers(future, timeout=timeout, **kwargs)
         key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
         found = await self.dht.get(key, latest=True, return_future=True)
         donors = {}
@@ -382,7 +382,7 @@ class AuthorizedAveragerMixin:
         real_dht = self.dht
         self.dht = _FixedRead(real_dht, key, ValueWithExpiration(donors, found.expiration_time) if donors else None)
         try:
-            return await super()._load_state_from_peers(future, timeout=timeout)
+            return await super()._load_state_from_peers(future, timeout=timeout, **kwargs)
         finally:
             self.dht = real_dht
 

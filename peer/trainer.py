@@ -17,7 +17,7 @@ import time
 import zlib
 from collections import Counter
 from functools import partial
-from typing import Optional
+from typing import Optional, Sequence
 
 import hivemind
 import torch
@@ -50,6 +50,11 @@ class SwarmUnreachable(RuntimeError):
 
 
 KNOWN_STEPS_REFRESH = 5.0  # seconds between reads of the peers' metrics records for the epoch vote
+# A downloaded state is refused when its loss on our latest batch is above our own parameters' by more than this
+# fraction of ours (at least STATE_LOSS_SLACK): measured in test_poisoning, the -1e6x peer's state scored 7.0
+# where the honest peers' own scored 3.9; an honest swarm's state scores at or below a peer that fell behind it.
+STATE_LOSS_MARGIN = 0.25
+STATE_LOSS_SLACK = 0.5
 
 
 class SwarmOptimizer(hivemind.Optimizer):
@@ -211,6 +216,9 @@ class Peer:
         self.window = ProgressWindow()
         self.last_loss = math.nan
         self.model_published = -math.inf
+        # (images, labels) not yet stepped on: what a downloaded state is scored on (check_downloaded_state)
+        self.probe_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.opt.state_averager.state_check = self.check_downloaded_state
 
     def optimizer_kwargs(self, optimizer_cls) -> dict:
         """The SwarmOptimizer's arguments: the swarm's recipe, averaging and compression, for every role.
@@ -337,7 +345,49 @@ class Peer:
         else:
             logger.info(f"joined run {self.config.run_id!r} at global step {self.opt.local_epoch}")
 
+    @torch.no_grad()
+    def check_downloaded_state(self, parameters: Sequence[torch.Tensor]) -> Optional[str]:
+        """Why a state downloaded from a peer must not replace ours (None: load it). hivemind's state averager calls
+        this before applying the state (compression/guard.py, CheckedDownloadMixin), with the parameters in its
+        optimizer's order.
+
+        Refused: non-finite parameters, or a loss on our latest batch well above what our own parameters score
+        (STATE_LOSS_MARGIN). The batch must be one we have not stepped on: on our first batch, once trained on, a
+        peer scored 1.82 against its honest groupmates' 3.84 and refused them. A peer whose own loss is not finite
+        takes any finite state.
+        """
+        if not all(bool(torch.isfinite(p).all()) for p in parameters):
+            return "non-finite parameters"
+        if self.probe_batch is None:
+            return None
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        ordered = [p for group in self.opt.state_averager.optimizer.param_groups for p in group["params"]]
+        if len(ordered) != len(parameters) or any(id(p) not in names for p in ordered):
+            return None  # an offloaded optimizer holds copies; nothing to score them against
+        loaded = {names[id(p)]: t.to(self.device) for p, t in zip(ordered, parameters, strict=True)}
+        ours, theirs = self._probe_loss(None), self._probe_loss(loaded)
+        if not math.isfinite(ours):
+            return None
+        if not math.isfinite(theirs) or theirs > ours + max(STATE_LOSS_SLACK, STATE_LOSS_MARGIN * ours):
+            return f"loss {theirs:.3g} on our data, where our own parameters score {ours:.3g}"
+        return None
+
+    def _probe_loss(self, parameters: Optional[dict]) -> float:
+        """Cross-entropy of the probe batch, with our parameters or (``parameters``) others in their place."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            images, labels = (tensor.to(self.device) for tensor in self.probe_batch)
+            images = images.contiguous(memory_format=self.memory_format)
+            with autocast(self.precision, self.device):
+                logits = self.model(images) if parameters is None else \
+                    torch.func.functional_call(self.model, parameters, (images,), strict=False)
+            return torch.nn.functional.cross_entropy(logits.float(), labels).item()
+        finally:
+            self.model.train(training)
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        self.probe_batch = images, labels  # our parameters have not stepped on it yet when a download comes in step()
         self.model.train()
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
@@ -371,6 +421,7 @@ class Peer:
         # alone, and spend its first steps re-downloading the state they made without it.
         batches = iter(self.loader)
         first = next(batches)
+        self.probe_batch = first.images, first.labels
         self.join(stop)
         last_report = time.monotonic()
         left = threading.Event()

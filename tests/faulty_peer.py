@@ -6,7 +6,7 @@ Attackers (test_poisoning.py), which also switch their own guard off so that, as
 into what they send back and honest peers meet it from both sides of the all-reduce:
   ``nan``     every gradient is NaN;
   ``ascent``  -1e6 times the true gradient (a step on it, however clipped or normalised, raises the loss).
-  Neither serves its state to joiners (see ``break_peer``).
+  Both serve their state to joiners like any peer: honest peers must refuse it (Peer.check_downloaded_state).
   ``future-epoch``  no training at all: a DHT node whose signed progress record claims epoch 10**6, as a
                     peer would that wants every honest one to believe it is behind and reload its state.
 A broken honest peer (test_peer.py):
@@ -45,11 +45,7 @@ def break_peer(peer: trainer.Peer, kind: str) -> None:
     if kind in ATTACKS:
         for param in peer.model.parameters():
             param.register_hook(ATTACKS[kind])
-        # A state download from an attacker is not guarded (compression/guard.py says so): an honest peer that joins
-        # after the ascent peer has stepped on its own poison loads it (measured: loss 3.9 -> 7.0 at once, final
-        # eval loss 5.2-5.4 against 3.9 at init). Attackers do not serve state here, so test_poisoning measures the
-        # all-reduce guard alone.
-        peer.opt.state_averager.allow_state_sharing = False
+
     else:
         honest_forward, calls = peer.forward, count()
         peer.forward = lambda images: honest_forward(images) * (math.nan if next(calls) % 2 else 1.0)

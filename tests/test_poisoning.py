@@ -11,12 +11,14 @@ The ascent peer's parts came in at 35x-1e6x ours (ConvNeXt's layer scale makes s
 the rest); with a 1000x bar per part, those after the first refused one were averaged in. Now a sender with one part
 refused has the rest of that all-reduce refused too (tests/test_guard.py).
 
-What is not covered: the attackers do not serve their state (faulty_peer.py). An honest peer that joins after the
-ascent peer has stepped on its own poison downloads it, and the state download is not guarded: measured, both honest
-peers' loss went 3.9 -> 7.0 at once and their final loss on the training rows was 5.2-5.4 against 3.9 at init.
-Nor does the guard promise a falling loss when attackers under the bar are half of a round: with a third attacker at
--30x beside these (three attackers to two honest peers), with the guard's centered clipping on (off by default,
-compression/guard.py), the honest loss went 3.9 -> 7.0.
+The attackers serve their state like any peer. Before the joiner's check of a downloaded state (a loss on its own
+latest batch, Peer.check_downloaded_state), honest peers that joined after the ascent peer had stepped on its own
+poison loaded it: in 2 of 4 runs both honest peers' loss went 3.9 -> 7.0 at once, and their final loss on the
+training rows was 5.2-5.4 against 3.9 at init.
+
+The guard does not promise a falling loss when attackers under the bar are half of a round: with a third attacker at
+-30x beside these (three attackers to two honest peers), even with the centered clipping the guard had then
+(since removed, compression/guard.py), the honest loss went 3.9 -> 7.0.
 """
 
 from __future__ import annotations
