@@ -103,9 +103,17 @@ def test_honest_peers_averaged_with_the_attackers_and_dropped_their_data(swarm):
         assert any(int(size) >= 3 for size in sizes), sizes  # the attackers really were in the group
         assert "dropped data from peer" in log, log
     # Which honest peer meets which attacker in a full round is up to matchmaking (the NaN peer, whose own state is
-    # NaN, keeps reloading and misses rounds): each attacker must have been caught by at least one of them.
+    # NaN, keeps reloading and misses rounds): each attacker that sent gradients must have been caught by at least
+    # one of them. In 1 of 8 runs the NaN peer could not dial the honest peers at all (libp2p "dial backoff" on
+    # every attempt) and sent nothing the whole run: nothing of it to catch, but one attacker at least must be.
+    caught = 0
     for kind, attacker in attackers.items():
+        sent_nothing = re.findall(r"^step \d+ \|.*\| sent (\S+ \S+) recv", logs[kind], re.M)[-1:] == ["0 B"]
+        if sent_nothing:
+            continue
         assert any(f"dropped data from peer {attacker}" in log for log in honest), (kind, honest)
+        caught += 1
+    assert caught >= 1
 
 
 def test_honest_peers_learn_beside_the_attackers(swarm):
