@@ -1,8 +1,8 @@
-"""The poisoning guard: what a peer accepts from its groupmates in an all-reduce.
+"""The poisoning guard: what a peer accepts from its groupmates in an all-reduce, and from a state donor.
 
 hivemind averages whatever arrives. One peer whose gradients are NaN (a broken GPU, an fp16 overflow, malice) or
 absurdly large would put NaN or garbage into every honest peer's update, and the same goes for the parameters of a
-state-averaging round. Two places see foreign data, and both are guarded here:
+state-averaging round. Two places of an all-reduce see foreign data, and both are guarded here:
 
 * as a **reducer**, the parts each sender streams to us: ``GuardedTensorPartReducer`` waits until every sender's
   contribution to a part is in, then drops the ones that are non-finite (or carry a non-finite or negative weight) or
@@ -13,8 +13,7 @@ state-averaging round. Two places see foreign data, and both are guarded here:
   -1e6x of a tiny part through (ConvNeXt's layer scale makes some parts of a gradient ~1e-4 of the rest), and
   tests/test_poisoning.py measured an ascent peer's parts at 35x-1e6x ours, some under the bar.
   A peer that reduces without contributing (an auxiliary peer, the state replica) uses the median of the senders' RMS
-  as the reference (and their coordinate-wise median as the ball's center), which resists a minority of attackers but
-  not one attacker in a pair.
+  as the reference, which resists a minority of attackers but not one attacker in a pair.
 * as a **sender**, the averaged deltas each reducer streams back: ``GuardedAllReduceRunner`` replaces a delta that is
   non-finite, or whose RMS is more than ``max_norm_ratio`` times the same reference, with zeros, so for that part we
   keep our own value instead of the reducer's; after one refused delta, the rest of that reducer's are refused too.
@@ -290,6 +289,7 @@ class CheckedDownloadMixin(DecentralizedAverager):
         super().__init__(*args, **kwargs)
 
     def load_state_from_peers(self, wait: bool = True, timeout: Optional[float] = None):
+        """DecentralizedAverager's download, checked; always waits (TrainingStateAverager, our only caller, does)."""
         for _ in range(MAX_DONORS_TRIED):
             future = MPFuture()
             self._outer_pipe.send(("_load_state_from_peers", [],
@@ -311,12 +311,11 @@ class CheckedDownloadMixin(DecentralizedAverager):
 
     async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None,
                                      refused: Sequence[str] = ()) -> None:
-        asked: list[PeerID] = []
+        asked: list[PeerID] = []  # the donors whose rpc_download_state was called, in order
         real_dht, real_get_stub = self.dht, self.get_stub
 
-        def get_stub(p2p, peer, **kwargs):  # hivemind asks each donor in turn through get_stub
-            asked.append(peer)
-            return real_get_stub(p2p, peer, **kwargs)
+        def get_stub(p2p, peer, **kwargs):  # hivemind asks each donor in turn through a stub from get_stub
+            return _RecordingStub(real_get_stub(p2p, peer, **kwargs), peer, asked)
 
         key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
         self.dht = _WithoutDonors(real_dht, key, {PeerID.from_base58(peer).to_bytes() for peer in refused})
@@ -343,6 +342,18 @@ class _WithoutDonors:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._dht, name)
+
+
+class _RecordingStub:
+    """A stub that notes its peer when its ``rpc_download_state`` is called (other coroutines' stubs pass through)."""
+
+    def __init__(self, stub: Any, peer: PeerID, asked: list[PeerID]) -> None:
+        self._stub, self._peer, self._asked = stub, peer, asked
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "rpc_download_state":
+            self._asked.append(self._peer)
+        return getattr(self._stub, name)
 
 
 class _NamingDonor:
