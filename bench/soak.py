@@ -110,7 +110,7 @@ def count_rounds(log: Path, kill_span: tuple[float, float]) -> dict:
             sizes.append(int(match.group(1)))
         elif LOST.search(line):
             when = log_time(line)
-            if stopping or when is not None and kill_span[0] <= when <= kill_span[1]:
+            if stopping or (when is not None and kill_span[0] <= when <= kill_span[1]):
                 on_purpose += 1
             else:
                 lost += 1

@@ -45,7 +45,6 @@ def break_peer(peer: trainer.Peer, kind: str) -> None:
     if kind in ATTACKS:
         for param in peer.model.parameters():
             param.register_hook(ATTACKS[kind])
-
     else:
         honest_forward, calls = peer.forward, count()
         peer.forward = lambda images: honest_forward(images) * (math.nan if next(calls) % 2 else 1.0)
