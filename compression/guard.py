@@ -318,7 +318,12 @@ class CheckedDownloadMixin(DecentralizedAverager):
             return _RecordingStub(real_get_stub(p2p, peer, **kwargs), peer, asked)
 
         key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
-        self.dht = _WithoutDonors(real_dht, key, {PeerID.from_base58(peer).to_bytes() for peer in refused})
+        found = real_dht.get(key, latest=True)  # a blocking read, as hivemind's own download makes
+        if refused and found is not None and isinstance(found.value, dict):
+            dropped = {PeerID.from_base58(peer).to_bytes() for peer in refused}
+            kept = {subkey: value for subkey, value in found.value.items() if subkey not in dropped}
+            found = ValueWithExpiration(kept, found.expiration_time) if kept else None
+        self.dht = FixedDhtRead(real_dht, key, found)
         self.get_stub = get_stub
         try:
             await super()._load_state_from_peers(_NamingDonor(future, asked), timeout=timeout)
@@ -327,18 +332,21 @@ class CheckedDownloadMixin(DecentralizedAverager):
             del self.get_stub
 
 
-class _WithoutDonors:
-    """The averager's DHT handle with refused donors left out of the download key's read (everything else passes)."""
+class FixedDhtRead:
+    """An averager's DHT handle with one key's read replaced by a fixed value (everything else passes through).
 
-    def __init__(self, dht: Any, key: str, refused: set[bytes]) -> None:
-        self._dht, self._key, self._refused = dht, key, refused
+    How a download is pointed at chosen donors: hivemind's ``_load_state_from_peers`` reads them from
+    ``{prefix}.all_averagers`` through ``self.dht``. Used here (refused donors left out) and by peer/access.py
+    (uncertified donors left out).
+    """
+
+    def __init__(self, dht: Any, key: str, value: Optional[ValueWithExpiration]) -> None:
+        self._dht, self._key, self._value = dht, key, value
 
     def get(self, key: Any, *args: Any, **kwargs: Any) -> Any:
-        found = self._dht.get(key, *args, **kwargs)
-        if key != self._key or not self._refused or found is None or not isinstance(found.value, dict):
-            return found
-        kept = {subkey: value for subkey, value in found.value.items() if subkey not in self._refused}
-        return ValueWithExpiration(kept, found.expiration_time) if kept else None
+        if key == self._key:
+            return self._value
+        return self._dht.get(key, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._dht, name)

@@ -45,6 +45,7 @@ from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
+from convforever.compression.guard import FixedDhtRead
 from convforever.coordinator.access import (
     AccessError,
     Certificate,
@@ -380,26 +381,11 @@ class AuthorizedAveragerMixin:
                 else:
                     logger.warning(f"not downloading the state from {PeerID(peer_bytes)}: {why}")
         real_dht = self.dht
-        self.dht = _FixedRead(real_dht, key, ValueWithExpiration(donors, found.expiration_time) if donors else None)
+        self.dht = FixedDhtRead(real_dht, key, ValueWithExpiration(donors, found.expiration_time) if donors else None)
         try:
             return await super()._load_state_from_peers(future, timeout=timeout, **kwargs)
         finally:
             self.dht = real_dht
-
-
-class _FixedRead:
-    """The averager's DHT handle with one key's read replaced by the certified donors (everything else passes)."""
-
-    def __init__(self, dht, key: str, value: Optional[ValueWithExpiration]) -> None:
-        self._dht, self._key, self._value = dht, key, value
-
-    def get(self, key, *args, **kwargs):
-        if key == self._key:
-            return self._value
-        return self._dht.get(key, *args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._dht, name)
 
 
 @lru_cache(maxsize=None)
