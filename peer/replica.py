@@ -12,9 +12,12 @@ It advertises its state with priority `local_epoch + 0.5`: a joiner sorts the st
 downloads from the replica rather than from a training peer at the same step (which would lose time serving it),
 while a training peer a step ahead still wins.
 
-A round it could not follow (averaging failed: hivemind would step with zero or stale gradients) makes it stop
-serving and reload the state from a training peer, at most every 30 s. It refuses to start when its recipe (the
-settings `config.recipe_hash` covers) differs from the one most of the swarm's peers publish.
+A round it could not follow (averaging failed, or the training peers stepped alone: hivemind would step with zero
+or stale gradients) makes it stop serving and reload the state from a training peer: at once the first time, then
+2, 4, 8... up to 30 s after the last reload while rounds keep failing (a loop of reloads would keep a training peer
+busy serving it). Until the reload it holds still and joins no round: AdamW stepping on our zero gradients still
+moves the weights (momentum, weight decay), away from the swarm's. It refuses to start when its recipe (the settings
+`config.recipe_hash` covers) differs from the one most of the swarm's peers publish.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections import Counter
 from typing import Optional
 
 import torch
+from hivemind.averaging.control import AveragingStage
 
 from .config import PeerConfig
 from .trainer import Peer, SwarmOptimizer
@@ -33,7 +37,8 @@ from .trainer import Peer, SwarmOptimizer
 logger = logging.getLogger(__name__)
 
 PRIORITY_BONUS = 0.5  # above a training peer at the same step, below one a step ahead
-RELOAD_INTERVAL = 30.0  # seconds between state reloads after a round we could not follow
+FIRST_RELOAD_DELAY = 1.0  # the least time between reloads; it doubles with each reload until a round is followed
+MAX_RELOAD_DELAY = 30.0
 STEP_EVERY = 0.05  # seconds between opt.step() polls
 
 
@@ -44,10 +49,11 @@ class ReplicaStopped(Exception):
 class ReplicaOptimizer(SwarmOptimizer):
     """hivemind.Optimizer that contributes no gradients (weight 0) but applies every averaged step."""
 
-    def __init__(self, *, min_reload_interval: float = RELOAD_INTERVAL, **kwargs):
-        self.min_reload_interval = min_reload_interval
+    def __init__(self, **kwargs):
         self.needs_reload = False
         self.last_reload = -float("inf")
+        self.reload_delay = FIRST_RELOAD_DELAY
+        self._holding = False  # out of sync, waiting for the next reload: no step until then
         self.missed_rounds = 0
         self.reloads = 0
         self._round_failed = False
@@ -59,6 +65,8 @@ class ReplicaOptimizer(SwarmOptimizer):
         # Never call grad_averager.accumulate_grads_: with batch_size 0 it divides by its anchor batch size (0).
         # local_samples_accumulated stays 0, so GradientAverager.step sets control.weight = 0 and sends zeros.
         # hivemind's tracker publishes no record while samples_accumulated is 0: the swarm does not count us.
+        if self._holding:
+            return False  # hivemind's "start over": Optimizer.step returns before it would apply our zeros as a step
         if self.tracker.local_progress.epoch != self.local_epoch:
             self.tracker.report_local_progress(self.local_epoch, 0)
         return True
@@ -73,6 +81,7 @@ class ReplicaOptimizer(SwarmOptimizer):
             self.state_averager.allow_state_sharing = False  # a state stepped with zero gradients is wrong
             logger.warning(f"replica missed the gradient round of step {self.local_epoch - 1}; will reload the state")
         elif not self.needs_reload:
+            self.reload_delay = FIRST_RELOAD_DELAY  # a round followed: the next miss reloads at once again
             self._advertise()
         if hasattr(self.grad_averager, "_ms"):
             # PowerSGD error feedback: our local "gradient" is 0, so _ms would only accumulate -(P Q^T) every round.
@@ -108,14 +117,29 @@ class ReplicaOptimizer(SwarmOptimizer):
         in_flight = self.scheduled_grads is not None and not self.scheduled_grads.done()
         behind = self.local_epoch < self.tracker.global_epoch - (1 if in_flight else 0)
         wanted = self.needs_reload or behind or super()._should_load_state_from_peers()
+        self._holding = False
         if wanted:
             self.needs_reload = True
             self.state_averager.allow_state_sharing = False  # never serve a state the swarm did not compute
-            if time.monotonic() - self.last_reload < self.min_reload_interval:
+            if time.monotonic() - self.last_reload < self.reload_delay:
+                self._holding = True
+                self._leave_scheduled_round()
                 return False
         return wanted
 
+    def _leave_scheduled_round(self) -> None:
+        """While we hold still, no group may wait on our part: leave a round still forming, or join it with weight 0."""
+        control = self.scheduled_grads
+        if control is None or control.done():
+            return
+        if control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+            control.cancel()
+        else:
+            self._tag_along_with_zero_weight(control)
+        self.scheduled_grads = None
+
     def load_state_from_peers(self, **kwargs):
+        self.reload_delay = min(2 * self.reload_delay, MAX_RELOAD_DELAY)  # 2, 4, 8... s to the next one
         self.last_reload = time.monotonic()
         self.reloads += 1
         super().load_state_from_peers(**kwargs)
@@ -210,7 +234,8 @@ class ReplicaPeer(Peer):
     def run(self, stop: threading.Event) -> None:
         opt = self.opt
         opt.load_state_from_peers()  # the swarm may be ahead; at step 0 this is the same seeded state
-        opt.reloads, opt.last_reload = 0, -float("inf")  # count (and space out) only the reloads after missed rounds
+        # count (and space out) only the reloads after missed rounds
+        opt.reloads, opt.last_reload, opt.reload_delay = 0, -float("inf"), FIRST_RELOAD_DELAY
         logger.info(f"replica following run {self.config.run_id!r} from global step {opt.local_epoch} "
                     f"(the swarm is at {opt.tracker.global_epoch})")
         last_report = time.monotonic()
