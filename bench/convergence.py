@@ -14,9 +14,10 @@ all-reduce and applies its own (uncompressed) accumulated gradient, i.e. plain l
 
     python bench/convergence.py [--steps 60] [--modes baseline none powersgd-8bit:4 ...] [--reuse] [--no-append]
 
-A mode is ``baseline`` or ``MODE[:RANK][+wN][@LAYOUT]`` with MODE one of ``--compression``'s choices (RANK for
-PowerSGD; ``+wN``: ``--powersgd-warmup N``, the first N global steps average whole gradients; ``@flat`` or
-``@per-tensor``: ``--powersgd-layout``, else the peer's default).
+A mode is ``baseline`` or ``MODE[:RANK][+wN][@LAYOUT[/WHOLE]]`` with MODE one of ``--compression``'s choices (RANK
+for PowerSGD; ``+wN``: ``--powersgd-warmup N``, the first N global steps average whole gradients; ``@flat`` or
+``@per-tensor``: ``--powersgd-layout``, else the peer's default; ``/fp16`` or ``/8bit``: ``--whole-codec``, how the
+flat layout sends the tensors PowerSGD leaves whole).
 The ``none`` swarm averages exactly, so its distance from the baseline is the comparison's own noise (which
 samples each peer leased, in which order, when each all-reduce happened): read the other rows against it.
 """
@@ -48,7 +49,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from results import append_results  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from convforever.compression import LAYOUTS, MODES
+from convforever.compression import LAYOUTS, MODES, WHOLE_CODECS
 from convforever.peer.local_swarm import Process, cli, wait_for_file
 
 logger = logging.getLogger("bench.convergence")
@@ -136,6 +137,7 @@ class RunSpec:
     peers: int
     warmup: int = 0  # --powersgd-warmup: global steps of whole-gradient averaging before PowerSGD
     layout: Optional[str] = None  # --powersgd-layout (None: the peer's default)
+    whole: Optional[str] = None  # --whole-codec (None: the peer's default)
 
 
 @dataclass
@@ -183,8 +185,11 @@ def parse_mode(spec: str, peers: int = 2) -> RunSpec:
     if spec == BASELINE:
         return RunSpec(BASELINE, "none", None, 1)
     spec_body, _, layout = spec.partition("@")
+    layout, _, whole = layout.partition("/")
     if layout and layout not in LAYOUTS:
         raise ValueError(f"mode {spec!r}: @LAYOUT is one of {', '.join(LAYOUTS)}")
+    if whole and (whole not in WHOLE_CODECS or layout != "flat"):
+        raise ValueError(f"mode {spec!r}: /WHOLE follows @flat and is one of {', '.join(WHOLE_CODECS)}")
     head, _, warm = spec_body.partition("+w")
     if warm and not warm.isdigit():
         raise ValueError(f"mode {spec!r}: +wN takes a whole number of warm-up steps")
@@ -196,7 +201,7 @@ def parse_mode(spec: str, peers: int = 2) -> RunSpec:
     if rank and not mode.startswith("powersgd"):
         raise ValueError(f"mode {spec!r}: only PowerSGD modes take a rank")
     if mode.startswith("powersgd"):
-        return RunSpec(spec, mode, int(rank or 4), peers, int(warm or 0), layout or None)
+        return RunSpec(spec, mode, int(rank or 4), peers, int(warm or 0), layout or None, whole or None)
     return RunSpec(spec, mode, None, peers)
 
 
@@ -303,11 +308,13 @@ def peer_argv(config: BenchConfig, spec: RunSpec, initial_peers: list[str], inde
         argv += ["--powersgd-warmup", str(spec.warmup)]
     if spec.layout:
         argv += ["--powersgd-layout", spec.layout]
+    if spec.whole:
+        argv += ["--whole-codec", spec.whole]
     return argv
 
 
 def run_dir_of(config: BenchConfig, spec: RunSpec) -> Path:
-    return config.workdir / "runs" / spec.name.replace(":", "-r")
+    return config.workdir / "runs" / spec.name.replace(":", "-r").replace("/", "-")
 
 
 def run_swarm(config: BenchConfig, spec: RunSpec, train_dir: Path) -> tuple[float, list[Path], LineLog, str]:

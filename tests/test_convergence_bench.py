@@ -64,5 +64,10 @@ def test_mode_specs():
     assert (flat.rank, flat.warmup, flat.layout) == (1, 10, "flat") and parse_mode("powersgd").layout is None
     with pytest.raises(ValueError, match="LAYOUT"):
         parse_mode("powersgd@diagonal")
+    eight = parse_mode("powersgd-8bit:2+w10@flat/8bit")
+    assert (eight.rank, eight.layout, eight.whole) == (2, "flat", "8bit") and flat.whole is None
+    for bad in ("powersgd-8bit:2@flat/int4", "powersgd-8bit:2@per-tensor/8bit"):
+        with pytest.raises(ValueError, match="WHOLE"):
+            parse_mode(bad)
     with pytest.raises(ValueError, match="one of"):
         BenchConfig(modes=["int4"])
