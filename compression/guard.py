@@ -35,6 +35,7 @@ import asyncio
 import logging
 import math
 import statistics
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -67,6 +68,10 @@ StateCheck = Callable[[Sequence[torch.Tensor]], Optional[str]]  # downloaded par
 
 # Donors asked per state download before giving up until the next one: each refused state cost a whole download.
 MAX_DONORS_TRIED = 3
+# Seconds a refused donor is left out of our downloads. Not for ever: a peer whose state went bad by a bug may have
+# reloaded a good one since, and a false refusal (our batch, not its state, was odd) should not cost it for good.
+# Asking a still-bad donor again costs one download per period, and only while we are downloading at all.
+REFUSAL_TTL = 600.0
 
 
 def _rms(tensor: torch.Tensor) -> float:
@@ -269,7 +274,8 @@ class GuardedAveragerMixin:
 
 
 class CheckedDownloadMixin(DecentralizedAverager):
-    """A state download that ``state_check`` may refuse before hivemind applies it; a refused donor is not asked again.
+    """A state download that ``state_check`` may refuse before hivemind applies it; a refused donor is not asked again
+    for ``refusal_ttl`` seconds.
 
     hivemind downloads from the donor with the highest priority and applies what it gets. A peer whose parameters
     went bad, by malice or by a bug, would hand its state to every joiner: measured in test_poisoning, honest peers
@@ -283,17 +289,25 @@ class CheckedDownloadMixin(DecentralizedAverager):
     """
 
     state_check: Optional[StateCheck] = None
+    refusal_ttl: float = REFUSAL_TTL
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._refused_donors: list[str] = []  # main process; base58 peer ids
+        self._refused_donors: dict[str, float] = {}  # main process; base58 peer id -> time.monotonic() of refusal
         super().__init__(*args, **kwargs)
+
+    @property
+    def refused_donors(self) -> list[str]:
+        """The donors left out of our downloads now (refused less than ``refusal_ttl`` seconds ago)."""
+        now = time.monotonic()
+        self._refused_donors = {peer: at for peer, at in self._refused_donors.items() if now - at < self.refusal_ttl}
+        return list(self._refused_donors)
 
     def load_state_from_peers(self, wait: bool = True, timeout: Optional[float] = None):
         """DecentralizedAverager's download, checked; always waits (TrainingStateAverager, our only caller, does)."""
         for _ in range(MAX_DONORS_TRIED):
             future = MPFuture()
             self._outer_pipe.send(("_load_state_from_peers", [],
-                                   dict(timeout=timeout, future=future, refused=tuple(self._refused_donors))))
+                                   dict(timeout=timeout, future=future, refused=tuple(self.refused_donors))))
             loaded = future.result(timeout=timeout)
             if loaded is None or self.state_check is None:
                 return loaded
@@ -306,7 +320,7 @@ class CheckedDownloadMixin(DecentralizedAverager):
             logger.warning(f"refused the state downloaded from peer {donor}: {why}; asking another peer")
             if donor is None:
                 return None
-            self._refused_donors.append(donor)
+            self._refused_donors[donor] = time.monotonic()
         return None
 
     async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None,

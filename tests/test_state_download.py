@@ -64,9 +64,13 @@ def test_a_refused_donor_is_skipped_for_the_next(swarm):
     joiner.load_state_from_peers(timeout=30)
     assert checked == [1e3, 1.0]  # the poisoned donor first (highest priority), then the honest one
     assert weights(joiner) == 1.0
-    assert joiner._refused_donors == [str(swarm["poisoned"].peer_id)]
+    assert joiner.refused_donors == [str(swarm["poisoned"].peer_id)]
     joiner.load_state_from_peers(timeout=30)  # the refused donor is not asked again
     assert checked == [1e3, 1.0, 1.0]
+    # ...until its refusal expires: then it is checked again (and refused again)
+    joiner._refused_donors = {peer: at - joiner.refusal_ttl for peer, at in joiner._refused_donors.items()}
+    joiner.load_state_from_peers(timeout=30)
+    assert checked == [1e3, 1.0, 1.0, 1e3, 1.0] and weights(joiner) == 1.0
 
 
 def test_without_a_check_the_highest_priority_state_is_loaded(swarm):
