@@ -103,7 +103,9 @@ class BenchConfig:
     def fingerprint(self, spec: RunSpec) -> dict:
         """What a cached result must match to stand in for a new run."""
         ignored = ("workdir", "mnist", "modes", "run_timeout", "append", "reuse")
-        return {"spec": asdict(spec), **{k: v for k, v in asdict(self).items() if k not in ignored}}
+        # a field that is unset (None) stays out, so results cached before it existed still match
+        spec_fields = {k: v for k, v in asdict(spec).items() if v is not None or k != "whole"}
+        return {"spec": spec_fields, **{k: v for k, v in asdict(self).items() if k not in ignored}}
 
     def __post_init__(self) -> None:
         for spec in self.modes:
