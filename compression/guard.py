@@ -49,6 +49,8 @@ from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
+from .matchmaking import pace_leader_search
+
 logger = logging.getLogger(__name__)
 
 # An honest contribution differs from ours by the noise between two batches, a few times at most; 1000x is "absurd".
@@ -245,8 +247,13 @@ class GuardedAveragerMixin:
     """Put before a hivemind averager class so that all its all-reduces run through ``make_allreduce_runner``.
 
     Pinned to hivemind 1.1.12: ``_run_allreduce_inplace_`` is ``DecentralizedAverager``'s, with the runner built by
-    a method that subclasses (the traffic counters) can extend.
+    a method that subclasses (the traffic counters) can extend. Being every averager's first base, it also gives
+    matchmaking its paced leader search (``compression/matchmaking.py``) before the first round.
     """
+
+    async def _step(self, **kwargs: Any) -> Any:
+        pace_leader_search(self._matchmaking)  # runs in the averager's process, where _matchmaking lives
+        return await super()._step(**kwargs)
 
     def make_allreduce_runner(self, **kwargs: Any) -> AllReduceRunner:
         return GuardedAllReduceRunner(**kwargs)
