@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netns import Child, IfaceCounters, Lab, LinkSpec  # noqa: E402
 from results import append_results  # noqa: E402
 
+from convforever.peer.progress import REPORT_INTERVAL  # noqa: E402
+
 PEER_SCRIPT = Path(__file__).with_name("netns_peer.py")
 GPU_IMAGES_PER_S = 813.0  # timm: convnext_tiny training throughput on an RTX 3090, AMP, 224x224
 UNSHAPED = LinkSpec(up_mbit=None, down_mbit=None)
@@ -69,6 +71,7 @@ class SwarmSettings:
     average_state_every: int = 1000
     delay: bool = True  # delay_grad_averaging and delay_optimizer_step together
     gpu_like: bool = True  # reuse_grad_buffers + offload_optimizer (see netns_peer.OptimizerConfig.gpu_like)
+    progress_interval: float = REPORT_INTERVAL  # the peer's progress tracker (0: a record per step, as hivemind's)
 
     @property
     def compute_s(self) -> float:
@@ -165,6 +168,7 @@ def run_variant(variant: Variant, load_limit: float, max_load_wait: float, min_f
                 matchmaking_time=swarm.matchmaking_time, averaging_timeout=swarm.averaging_timeout,
                 next_chunk_timeout=swarm.next_chunk_timeout, average_state_every=swarm.average_state_every, delay_grad_averaging=swarm.delay,
                 delay_optimizer_step=swarm.delay, gpu_like=swarm.gpu_like, request_timeout=min(3.0, swarm.matchmaking_time / 2),
+                progress_interval=swarm.progress_interval,
             )
             peers.append(_spawn(lab, node.name, "optimizer", config))
         for peer in peers:
@@ -308,7 +312,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--variants", default="unshaped,home",
                    help="comma-separated runs, in order: unshaped (baseline), home (delayed averaging), "
                         "home-nodelay (hivemind's synchronous default), home-latency and home-latency-nodelay "
-                        "(the same plus --latency-ms each way)")
+                        "(the same plus --latency-ms each way), unshaped-per-step (a progress record per local "
+                        "step, as hivemind's tracker stores them, instead of one a second)")
     p.add_argument("--steps", type=int, default=d.steps, help="local steps per peer per run")
     p.add_argument("--batch-per-step", type=int, default=d.batch_per_step)
     p.add_argument("--target-batch-size", type=int, default=d.target_batch_size)
@@ -345,6 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     far = replace(home, delay_ms=args.latency_ms)
     known = {
         "unshaped": Variant("unshaped", UNSHAPED, swarm),
+        "unshaped-per-step": Variant("unshaped-per-step", UNSHAPED, replace(swarm, progress_interval=0.0)),
         "home": Variant("home", home, swarm),
         "home-nodelay": Variant("home-nodelay", home, replace(swarm, delay=False)),
         "home-latency": Variant("home-latency", far, swarm),

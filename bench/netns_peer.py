@@ -75,6 +75,7 @@ class OptimizerConfig:
     # False: hivemind's defaults, which add every step's .grad into its accumulators, a 28.6M-value add per step
     # that this CPU needs ~30 ms for and a GPU well under one.
     gpu_like: bool = True
+    progress_interval: Optional[float] = None  # seconds between progress records in an epoch (None: the peer's)
 
 
 @dataclass
@@ -217,10 +218,21 @@ def _counting_optimizer_class():
 
     import hivemind
 
+    from convforever.peer.progress import PlausibleProgressTracker
+
     class GroupCountingOptimizer(hivemind.Optimizer):
-        def __init__(self, **kwargs) -> None:
+        def __init__(self, progress_interval: Optional[float], **kwargs) -> None:
             self.group_sizes: Counter = Counter()
+            self.progress_interval = progress_interval
             super().__init__(**kwargs)
+
+        def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> PlausibleProgressTracker:
+            # the tracker a ConvForever peer runs (peer/trainer.py), with the bench's report interval
+            if self.progress_interval is not None:
+                kwargs["report_interval"] = self.progress_interval
+            return PlausibleProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
+                                            client_mode=self.client_mode, status_loglevel=self.status_loglevel,
+                                            start=True, **kwargs)
 
         def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
             super()._average_gradients_and_load_into_optimizer(maybe_step_control)
@@ -244,7 +256,7 @@ def run_optimizer(config: OptimizerConfig) -> None:
     averaging = build_averaging_kwargs(CompressionConfig(mode=config.mode, rank=config.rank), counters, params)
     factory = averaging.pop("grad_averager_factory")
     opt = _counting_optimizer_class()(
-        dht=dht, run_id=config.run_id, params=params,
+        progress_interval=config.progress_interval, dht=dht, run_id=config.run_id, params=params,
         # plain SGD: the optimizer's arithmetic is not what we measure, and AdamW's ~10 passes over 28.6M values cost
         # this shared 2-core CPU what a GPU does in a millisecond
         optimizer=lambda p: torch.optim.SGD(p, lr=1e-4),
