@@ -252,7 +252,10 @@ class GuardedAveragerMixin:
     """
 
     async def _step(self, **kwargs: Any) -> Any:
-        pace_leader_search(self._matchmaking)  # runs in the averager's process, where _matchmaking lives
+        try:  # runs in the averager's process, where _matchmaking lives
+            pace_leader_search(self._matchmaking)
+        except Exception as e:  # hivemind's step() waits for _step without a timeout: never fail before it
+            logger.warning(f"matchmaking keeps hivemind's unpaced leader search: {e!r}")
         return await super()._step(**kwargs)
 
     def make_allreduce_runner(self, **kwargs: Any) -> AllReduceRunner:

@@ -41,12 +41,15 @@ class PacedReads:
     def __init__(self, key_manager: GroupKeyManager, interval: float) -> None:
         self._key_manager, self._interval, self._last = key_manager, interval, -float("inf")
 
-    async def get_averagers(self, *args: Any, **kwargs: Any) -> Any:
+    async def get_averagers(self, group_key: str, only_active: bool) -> Any:
         wait = self._last + self._interval - time.monotonic()
         if wait > 0:
+            current = group_key == self._key_manager.current_key
             await asyncio.sleep(wait)
+            if current:  # hivemind asks for the current key: read the one current after the wait
+                group_key = self._key_manager.current_key
         self._last = time.monotonic()
-        return await self._key_manager.get_averagers(*args, **kwargs)
+        return await self._key_manager.get_averagers(group_key, only_active)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._key_manager, name)
