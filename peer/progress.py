@@ -29,29 +29,42 @@ REPORT_INTERVAL = 1.0  # seconds between two progress records of one epoch (at m
 
 
 class PacedEvent(threading.Event):
-    """hivemind's "report progress now" event, whose ``wait`` returns at most once per ``interval`` seconds.
+    """hivemind's "report progress now" event, whose ``wait`` returns at most once per ``interval`` seconds unless
+    ``urgent()`` says otherwise.
 
     The tracker's reporter thread waits on it and stores a record each time it returns set; holding the return back
-    (while ``urgent`` says no) makes the record it then stores carry the newest progress instead of one per step.
+    makes the record it then stores carry the newest progress instead of one per step. Every ``set`` (a report)
+    wakes the hold to ask ``urgent()`` again, so an urgent record waits for nothing, and ``released()`` runs each
+    time the wait lets the reporter through.
     """
 
-    def __init__(self, interval: float, urgent: Callable[[], bool]) -> None:
+    def __init__(self, interval: float, urgent: Callable[[], bool], released: Callable[[], None]) -> None:
         super().__init__()
-        self.interval, self._urgent, self._last = interval, urgent, -float("inf")
+        self.interval, self._urgent, self._released = interval, urgent, released
+        self._last = -float("inf")
+        self._kick = threading.Event()  # set with the event, cleared by the hold: "a report came in, look again"
+
+    def set(self) -> None:
+        super().set()
+        self._kick.set()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         fired = super().wait(timeout)
         if fired:
-            urgent = self._urgent()
-            delay = self._last + self.interval - time.monotonic()
-            if delay > 0 and not urgent:
-                time.sleep(delay)  # the reporter's executor thread: nothing else waits on it
+            while not self._urgent():
+                delay = self._last + self.interval - time.monotonic()
+                if delay <= 0:
+                    break
+                self._kick.clear()
+                self._kick.wait(delay)  # the reporter's executor thread: nothing else waits on it
             self._last = time.monotonic()
+            self._released()
         return fired
 
 
 class PlausibleProgressTracker(ProgressTracker):
-    """Drops progress records whose epoch exceeds ``plausible_epoch_limit`` before hivemind folds them.
+    """Drops progress records whose epoch exceeds ``plausible_epoch_limit`` before hivemind folds them, and paces
+    our own records (``PacedEvent``).
 
     Voters: every progress record, our own epoch, and (``steps``: owner key -> step, from the peers' metrics
     records) every peer that has not trained yet. The coordinator applies the same rule (``swarm_view``), so its
@@ -64,17 +77,29 @@ class PlausibleProgressTracker(ProgressTracker):
         self._steps_source = steps
         self._ignored: set[Any] = set()  # owners already warned about
         super().__init__(*args, start=False, **kwargs)
-        self._reported_epoch = self.local_progress.epoch
-        self.should_report_progress = PacedEvent(report_interval, urgent=self._report_now)
+        # what the reporter last went on to store: its epoch, and whether any record of that epoch carried samples
+        self._released_epoch, self._released_samples = self.local_progress.epoch, False
+        self.should_report_progress = PacedEvent(report_interval, urgent=self._report_now, released=self._releasing)
         if start:
             self.start()
 
     def _report_now(self) -> bool:
-        """A new epoch's record (others' global epoch and sample counts hinge on it) or our last one goes at once."""
-        epoch = self.local_progress.epoch
-        urgent = epoch != self._reported_epoch or self.shutdown_triggered.is_set()
-        self._reported_epoch = epoch
-        return urgent
+        """Records that go out at once: a new epoch's (others' global epoch and sample counts hinge on it), our last
+        one, and the first of an epoch with samples in it.
+
+        The last rule is hivemind's: its reporter stores a record only while it saw one with samples in this or the
+        previous global epoch ("synchronized and actively reporting"). Held back, a peer that trains through two
+        epochs within one interval would fall silent for good (a lone peer with a small target batch does).
+        """
+        local = self.local_progress
+        return (local.epoch != self._released_epoch or self.shutdown_triggered.is_set()
+                or (local.samples_accumulated > 0 and not self._released_samples))
+
+    def _releasing(self) -> None:
+        local = self.local_progress  # hivemind's reporter reads and stores local_progress right after this
+        if local.epoch != self._released_epoch:
+            self._released_epoch, self._released_samples = local.epoch, False
+        self._released_samples |= local.samples_accumulated > 0
 
     def _known_steps(self) -> Mapping[bytes, int]:
         # a cached dict the peer's main thread refreshes: this thread makes no DHT calls of its own

@@ -3,26 +3,35 @@ for a new epoch, and always the newest figures (a real tracker on a loopback DHT
 
 from __future__ import annotations
 
+import threading
 import time
 
 import hivemind
 import pytest
 
-from convforever.peer import progress
 from convforever.peer.progress import PacedEvent, PlausibleProgressTracker
 
 
-def test_paced_event_holds_back_a_second_wake_up_unless_urgent(monkeypatch):
-    slept: list[float] = []
-    monkeypatch.setattr(progress.time, "sleep", slept.append)
-    urgent = False
-    event = PacedEvent(interval=10.0, urgent=lambda: urgent)
-    assert not event.wait(0) and slept == []  # not set: no wake-up to hold back
+def test_paced_event_holds_back_a_second_wake_up_until_the_interval_ends_or_a_report_is_urgent():
+    urgent, released = False, []
+    event = PacedEvent(interval=0.5, urgent=lambda: urgent, released=lambda: released.append(time.monotonic()))
+    assert not event.wait(0) and released == []  # not set: no wake-up to hold back
     event.set()
-    assert event.wait(0) and slept == []  # the first wake-up goes at once
-    assert event.wait(0) and len(slept) == 1 and 9 < slept[0] <= 10  # the next one waits out the interval
-    urgent = True
-    assert event.wait(0) and len(slept) == 1
+    assert event.wait(0) and len(released) == 1  # the first wake-up goes at once
+    assert event.wait(0) and len(released) == 2 and released[1] - released[0] >= 0.45  # the next waits it out
+
+    event = PacedEvent(interval=60.0, urgent=lambda: urgent, released=lambda: released.append(time.monotonic()))
+    event.set()
+    assert event.wait(0)
+
+    def urgent_report() -> None:
+        nonlocal urgent
+        time.sleep(0.2)
+        urgent = True
+        event.set()
+
+    threading.Thread(target=urgent_report).start()
+    assert event.wait(0) and len(released) == 4 and released[3] - released[2] < 30  # woken, not after 60 s
 
 
 class CountingDHT:
@@ -76,3 +85,21 @@ def test_progress_is_stored_once_per_interval_with_the_newest_figures_and_a_new_
     assert 1 <= within_epoch <= 3, within_epoch  # the first at once, then one per 3 s
     made.report_local_progress(1, 0)  # a new epoch: others' global epoch hinges on it, so no holding back
     assert wait_for_record(made, 1, 0, timeout=2.5)
+
+
+def test_a_peer_that_trains_through_epochs_faster_than_the_interval_keeps_reporting(tracker):
+    """hivemind's reporter stores nothing once it has seen no record with samples in the last two global epochs;
+    holding those back silenced a lone peer with a small target batch for good (the coordinator then never saw its
+    step, nor checkpointed it)."""
+    made, _ = tracker
+    made.report_local_progress(0, 16)
+    for epoch in (1, 2, 3):  # steps 0.2 s apart, three epochs within one 3 s interval, as the Optimizer makes them
+        with made.pause_updates():
+            made.update_epoch(epoch)
+        for samples in (16, 32):
+            time.sleep(0.2)
+            made.report_local_progress(epoch, samples)
+    time.sleep(0.2)
+    with made.pause_updates():
+        made.update_epoch(4)
+    assert wait_for_record(made, 4, 0, timeout=2.5)
