@@ -14,9 +14,10 @@ while a training peer a step ahead still wins.
 
 A round it could not follow (averaging failed, or the training peers stepped alone: hivemind would step with zero
 or stale gradients) makes it stop serving and reload the state from a training peer: at once the first time, then
-2, 4, 8... up to 30 s after the last reload while rounds keep failing (a loop of reloads would keep a training peer
-busy serving it). Until the reload it holds still and joins no round: AdamW stepping on our zero gradients still
-moves the weights (momentum, weight decay), away from the swarm's. It refuses to start when its recipe (the settings
+2, 4, 8... up to 30 s after the last reload ended while rounds keep failing (a loop of reloads would keep a
+training peer busy serving it). Until the reload it holds still, with no step of its own: AdamW stepping on our zero
+gradients still moves the weights (momentum, weight decay), away from the swarm's. A round of ours not yet looking
+for its group is dropped; one already forming gets our weight 0, so no group waits on us or loses its leader. It refuses to start when its recipe (the settings
 `config.recipe_hash` covers) differs from the one most of the swarm's peers publish.
 """
 
@@ -123,26 +124,31 @@ class ReplicaOptimizer(SwarmOptimizer):
             self.state_averager.allow_state_sharing = False  # never serve a state the swarm did not compute
             if time.monotonic() - self.last_reload < self.reload_delay:
                 self._holding = True
-                self._leave_scheduled_round()
+                self._leave_scheduled_rounds()
                 return False
         return wanted
 
-    def _leave_scheduled_round(self) -> None:
-        """While we hold still, no group may wait on our part: leave a round still forming, or join it with weight 0."""
-        control = self.scheduled_grads
-        if control is None or control.done():
-            return
-        if control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
-            control.cancel()
-        else:
-            self._tag_along_with_zero_weight(control)
-        self.scheduled_grads = None
+    def _leave_scheduled_rounds(self) -> None:
+        """While we hold still, no group may wait on our part: a round not yet looking for its group is dropped, one
+        already forming or formed gets our weight 0 (as hivemind's own load_state_from_peers does: cancelling a
+        group we lead would send its members back to matchmaking). Blocks up to the averaging timeout."""
+        for name in ("scheduled_grads", "scheduled_state"):
+            control = getattr(self, name)
+            if control is None or control.done():
+                continue
+            if control.stage == AveragingStage.IDLE:
+                control.cancel()
+            else:
+                self._tag_along_with_zero_weight(control)
+            setattr(self, name, None)
 
     def load_state_from_peers(self, **kwargs):
         self.reload_delay = min(2 * self.reload_delay, MAX_RELOAD_DELAY)  # 2, 4, 8... s to the next one
-        self.last_reload = time.monotonic()
         self.reloads += 1
-        super().load_state_from_peers(**kwargs)
+        try:
+            super().load_state_from_peers(**kwargs)
+        finally:  # counted from the end: a download slower than the delay must not start the next one at once
+            self.last_reload = time.monotonic()
         self.needs_reload = self.local_epoch < self.tracker.global_epoch
         if not self.needs_reload:
             self._advertise()
