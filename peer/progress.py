@@ -9,7 +9,7 @@ sync, publish no progress of its own that could outvote the claim).
 hivemind also stores a progress record after every local step: ~3 DHT stores a second per peer at 315 ms of compute
 per step (bench/home_links.py), about a third of the Optimizer path's DHT calls. Others extrapolate our samples
 between records from the ``samples_per_second`` each record carries, so one record a second within an epoch tells
-them as much; a record for a new epoch still goes out at once.
+them as much; a record for a new epoch, and the first with samples in it, still go out at once (``_report_now``).
 """
 
 from __future__ import annotations
